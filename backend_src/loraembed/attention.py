@@ -1,0 +1,102 @@
+"""Non-causal attention over packed sequences, behind one entry point.
+
+Backends, fastest first: flash-attn's `flash_attn_varlen_func` (if importable, CUDA), PyTorch's
+`torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10), and an SDPA reference that runs
+everywhere and is what tests compare the others with. No padding token is ever attended: the
+reference masks every key outside a query's own sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigurationError
+
+ATTENTION_BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+
+
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_attention_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve `auto` to the best available backend; fail loudly when a named one cannot run."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    usable = {
+        "flash_attn": device.type == "cuda" and half and _flash_attn_available(),
+        "torch_varlen": device.type == "cuda" and half and _torch_varlen_available(),
+        "sdpa": True,
+    }
+    if requested == "auto":
+        return next(name for name in ATTENTION_BACKENDS if usable[name])
+    if requested not in usable:
+        raise ConfigurationError(f"attention={requested!r} is not one of auto, {', '.join(ATTENTION_BACKENDS)}")
+    if not usable[requested]:
+        raise ConfigurationError(
+            f"attention={requested!r} cannot run here (needs CUDA, float16/bfloat16"
+            f"{' and the flash-attn package' if requested == 'flash_attn' else ' and torch >= 2.10'}; "
+            f"device {device}, dtype {dtype})"
+        )
+    return requested
+
+
+def sdpa_reference_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    """Reference: scatter the packed stream into [B, max_seqlen] with a key mask, run SDPA, gather back."""
+    total_tokens, num_heads, head_dim = query.shape
+    num_sequences = cu_seqlens.numel() - 1
+    starts = cu_seqlens[:-1].long()  # [B]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [B]
+    offsets = torch.arange(max_seqlen, device=query.device)  # [L]
+    valid = offsets[None, :] < lengths[:, None]  # [B, L]
+    token_index = (starts[:, None] + offsets[None, :]).clamp(max=total_tokens - 1)  # [B, L]
+
+    def to_padded(packed: torch.Tensor) -> torch.Tensor:
+        padded = packed[token_index]  # [B, L, heads, head_dim]
+        return padded.transpose(1, 2)  # [B, heads, L, head_dim]
+
+    key_mask = valid[:, None, None, :]  # [B, 1, 1, L]: a query sees only its own sequence's keys
+    out = F.scaled_dot_product_attention(to_padded(query), to_padded(key), to_padded(value), attn_mask=key_mask)
+    out = out.transpose(1, 2)  # [B, L, heads, head_dim]
+    return out[valid].reshape(total_tokens, num_heads, head_dim)  # rows in packed order
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    backend: str,
+) -> torch.Tensor:
+    """Attention within each sequence of a packed stream.
+
+    query, key, value: [T, heads, head_dim]; cu_seqlens: [B+1] int32 on the same device.
+    Returns [T, heads, head_dim].
+    """
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False
+        )
+    if backend == "torch_varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        # Default window and is_causal=False: full bidirectional attention within each sequence.
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    return sdpa_reference_attention(query, key, value, cu_seqlens, max_seqlen)

@@ -1,0 +1,159 @@
+"""The packed BERT / XLM-R encoder. HF attribute names, so checkpoint keys and PEFT targets map
+one to one; the only exception is the fused Q/K/V projection, described by `FUSED_PROJECTIONS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+from .checkpoint import normalize_checkpoint_keys, read_state_dict
+from .config import EncoderConfig
+from .errors import CheckpointError
+from .packing import PackedBatch
+
+# The one fusion table (vLLM's packed_modules_mapping): a fused module and the checkpoint modules
+# whose output features it concatenates, in order. LoRA routing uses it too.
+FUSED_PROJECTIONS = {
+    "attention.self.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+}
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf), as HF's "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # Single-segment inputs: every token has token type 0.
+        embedded = (
+            self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
+        )  # [T, H]
+        return self.LayerNorm(embedded)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # query | key | value
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.self = SelfAttention(config)  # HF's name
+        self.output = AttentionOutput(config)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+
+class Output(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class Layer(nn.Module):
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = Intermediate(config)
+        self.output = Output(config)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.activation = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str) -> torch.Tensor:
+        total_tokens, hidden_size = hidden.shape  # [T, H]
+        qkv = self.attention.self.qkv(hidden).view(total_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(1)  # each [T, heads, head_dim]
+        context = varlen_attention(query, key, value, batch.cu_seqlens, batch.max_seqlen, attention_backend)
+        attended = self.attention.output.dense(context.reshape(total_tokens, hidden_size))  # [T, H]
+        hidden = self.attention.output.LayerNorm(attended + hidden)
+        intermediate = self.activation(self.intermediate.dense(hidden))  # [T, I]
+        return self.output.LayerNorm(self.output.dense(intermediate) + hidden)  # [T, H]
+
+
+class LayerStack(nn.Module):
+    """HF's `encoder` module: holds `layer.{i}`."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+
+
+class PackedEncoder(nn.Module):
+    """BERT/XLM-R encoder over a packed token stream: returns the last hidden state [T, H]."""
+
+    def __init__(self, config: EncoderConfig, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.attention_backend = attention_backend
+        self.embeddings = Embeddings(config)
+        self.encoder = LayerStack(config)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        hidden = self.embeddings(batch.input_ids, batch.position_ids)  # [T, H]
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, batch, self.attention_backend)
+        return hidden
+
+    def load_checkpoint_state(self, checkpoint_state: dict[str, torch.Tensor]) -> None:
+        """Load HF weights (any prefix), fusing Q/K/V; fail naming every missing/unexpected key."""
+        state = normalize_checkpoint_keys(checkpoint_state)
+        for index in range(self.config.num_hidden_layers):
+            for fused, parts in FUSED_PROJECTIONS.items():
+                for parameter in ("weight", "bias"):
+                    names = [f"encoder.layer.{index}.{part}.{parameter}" for part in parts]
+                    if all(name in state for name in names):
+                        state[f"encoder.layer.{index}.{fused}.{parameter}"] = torch.cat([state.pop(n) for n in names])
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = sorted(
+            f"{name} {tuple(state[name].shape)} (expected {tuple(expected[name].shape)})"
+            for name in set(state) & set(expected)
+            if state[name].shape != expected[name].shape
+        )
+        if missing or unexpected or wrong_shape:
+            raise CheckpointError(
+                "checkpoint does not match the architecture: "
+                f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; wrong shape {wrong_shape or 'none'}"
+            )
+        self.load_state_dict(state, strict=True)
+
+
+def load_packed_encoder(
+    model_path: Path, config: EncoderConfig, dtype: torch.dtype, device: torch.device, attention_backend: str
+) -> PackedEncoder:
+    with torch.device("meta"):
+        model = PackedEncoder(config, attention_backend)
+    model = model.to_empty(device="cpu")
+    model.load_checkpoint_state(read_state_dict(model_path))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,199 @@
+"""The embedding engine: validated requests in, one embedding array or one error per request out.
+
+`model.py` of the Triton `encoder` model is a thin adapter around `EmbeddingEngine.embed`; tests
+and benchmarks call the same method in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .attention import select_attention_backend
+from .checkpoint import read_encoder_config, read_sentence_transformers_settings, resolve_model_path
+from .config import EncoderConfig, RequestOptions, ServingConfig
+from .encoder import PackedEncoder, load_packed_encoder
+from .errors import AdapterError, ConfigurationError, InvalidInputError, RequestError
+from .packing import SequenceRef, build_packed_batch, plan_batches
+from .pooling import finalize_embeddings, pool
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BASE_ADAPTER_ID = ""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the tokenizer and the encoder both need to agree on, resolved from the checkpoint."""
+
+    model_path: Path
+    encoder_config: EncoderConfig
+    pooling: str
+    default_normalize: bool
+    max_seq_len: int
+
+    @classmethod
+    def resolve(cls, serving: ServingConfig) -> "ModelSettings":
+        model_path = resolve_model_path(serving.model, serving.revision)
+        encoder_config = read_encoder_config(model_path)
+        st_settings = read_sentence_transformers_settings(model_path)
+        pooling = serving.pooling if serving.pooling != "auto" else (st_settings.pooling or "cls")
+        normalize = serving.normalize if serving.normalize is not None else st_settings.normalize
+        model_limit = encoder_config.max_sequence_length
+        default_len = min(model_limit, st_settings.max_seq_length or model_limit)
+        max_seq_len = serving.max_seq_len or default_len
+        if max_seq_len > model_limit:
+            raise ConfigurationError(f"max_seq_len={max_seq_len} exceeds the model's limit of {model_limit} tokens")
+        if max_seq_len > serving.max_batch_tokens:
+            raise ConfigurationError(
+                f"max_batch_tokens={serving.max_batch_tokens} must be at least max_seq_len={max_seq_len}"
+            )
+        return cls(model_path, encoder_config, pooling, normalize, max_seq_len)
+
+
+@dataclass
+class EncoderRequest:
+    """Token ids of one request: [n, L] right-padded, one adapter id per row (or one for all)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    adapter_ids: Sequence[str] | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _ValidRequest:
+    sequences: list[np.ndarray]
+    adapter_ids: list[str]
+    options: RequestOptions
+
+
+class BaseModelOnly:
+    """Adapter resolution when no LoRA registry is configured: only the base model is served."""
+
+    def acquire(self, adapter_ids: set[str]) -> dict[str, int | AdapterError]:
+        return {
+            adapter_id: 0
+            if adapter_id == BASE_ADAPTER_ID
+            else AdapterError(f"adapter {adapter_id!r} is not available: this server has no adapters configured")
+            for adapter_id in adapter_ids
+        }
+
+    def activate(self, batch) -> None:  # no LoRA layers to point at the batch
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+class EmbeddingEngine:
+    def __init__(self, serving: ServingConfig, device: torch.device | str = "cpu"):
+        self.serving = serving
+        self.device = torch.device(device)
+        self.settings = ModelSettings.resolve(serving)
+        self.dtype = resolve_dtype(serving.dtype, self.device)
+        self.attention_backend = select_attention_backend(serving.attention, self.device, self.dtype)
+        self.model: PackedEncoder = load_packed_encoder(
+            self.settings.model_path, self.settings.encoder_config, self.dtype, self.device, self.attention_backend
+        )
+        self.adapters = BaseModelOnly()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.settings.encoder_config.hidden_size
+
+    def validate(self, request: EncoderRequest) -> _ValidRequest:
+        """Check one request's tensors and parameters; raise a RequestError naming the problem."""
+        options = RequestOptions.from_parameters(request.parameters, self.settings.default_normalize, self.hidden_size)
+        ids, mask = np.asarray(request.input_ids), np.asarray(request.attention_mask)
+        if ids.ndim != 2 or mask.ndim != 2:
+            raise InvalidInputError(f"INPUT_IDS and ATTENTION_MASK must be [n, L]; got {ids.shape} and {mask.shape}")
+        if ids.shape != mask.shape:
+            raise InvalidInputError(f"INPUT_IDS shape {ids.shape} differs from ATTENTION_MASK shape {mask.shape}")
+        if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(mask.dtype, np.integer)):
+            raise InvalidInputError(f"INPUT_IDS and ATTENTION_MASK must be integers; got {ids.dtype}, {mask.dtype}")
+        rows, width = ids.shape
+        if rows == 0 or width == 0:
+            raise InvalidInputError(f"empty request: shape {ids.shape}")
+        if rows > self.serving.max_texts_per_request:
+            raise InvalidInputError(
+                f"{rows} texts in one request, more than max_texts_per_request={self.serving.max_texts_per_request}"
+            )
+        if not np.isin(mask, (0, 1)).all():
+            raise InvalidInputError("ATTENTION_MASK values must be 0 or 1")
+        lengths = mask.sum(axis=1)
+        for row in np.flatnonzero(lengths == 0):
+            raise InvalidInputError(f"row {row} has an all-zero attention mask (no tokens)")
+        right_padded = mask == (np.arange(width)[None, :] < lengths[:, None])
+        for row in np.flatnonzero(~right_padded.all(axis=1)):
+            raise InvalidInputError(f"row {row}: ATTENTION_MASK must be ones followed by zeros (right padding)")
+        for row in np.flatnonzero(lengths > self.settings.max_seq_len):
+            raise InvalidInputError(
+                f"row {row} is {lengths[row]} tokens, more than max_seq_len={self.settings.max_seq_len}"
+            )
+        vocab_size = self.settings.encoder_config.vocab_size
+        real_ids = ids[mask.astype(bool)]
+        if real_ids.min() < 0 or real_ids.max() >= vocab_size:
+            raise InvalidInputError(
+                f"token ids must be in [0, {vocab_size}); got values from {real_ids.min()} to {real_ids.max()}"
+            )
+        adapter_ids = list(request.adapter_ids) if request.adapter_ids is not None else [BASE_ADAPTER_ID]
+        if len(adapter_ids) == 1:
+            adapter_ids = adapter_ids * rows
+        if len(adapter_ids) != rows:
+            raise InvalidInputError(f"{len(adapter_ids)} adapter ids for {rows} texts (send one per text, or one)")
+        sequences = [ids[row, : lengths[row]].astype(np.int64) for row in range(rows)]
+        return _ValidRequest(sequences, adapter_ids, options)
+
+    def embed(self, requests: Sequence[EncoderRequest]) -> list[np.ndarray | RequestError]:
+        """One float32 [n, dims] array per request, or the RequestError that request earned."""
+        results: list[np.ndarray | RequestError | None] = [None] * len(requests)
+        valid: dict[int, _ValidRequest] = {}
+        for index, request in enumerate(requests):
+            try:
+                valid[index] = self.validate(request)
+            except RequestError as error:
+                results[index] = error
+        wanted = {adapter_id for request in valid.values() for adapter_id in request.adapter_ids}
+        try:
+            slots = self.adapters.acquire(wanted)
+            for index, request in list(valid.items()):
+                failures = [slots[a] for a in dict.fromkeys(request.adapter_ids) if isinstance(slots[a], AdapterError)]
+                if failures:
+                    results[index] = failures[0]
+                    del valid[index]
+            pooled = self._forward(valid, slots)
+        finally:
+            self.adapters.release()
+        for index, request in valid.items():
+            embeddings = finalize_embeddings(pooled[index], request.options.dimensions, request.options.normalize)
+            results[index] = embeddings.numpy()
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _forward(self, valid: dict[int, _ValidRequest], slots: Mapping[str, int | AdapterError]) -> dict[int, torch.Tensor]:
+        """Pooled float32 rows per request; sequences of all requests share forward passes."""
+        sequences = []
+        first_row = {}  # request index -> its first row in `pooled`
+        for index, request in valid.items():
+            first_row[index] = len(sequences)
+            sequences += [
+                SequenceRef(index, len(sequences) + row, tokens, slots[request.adapter_ids[row]])  # type: ignore[arg-type]
+                for row, tokens in enumerate(request.sequences)
+            ]
+        pooled = torch.empty(len(sequences), self.hidden_size)  # [N, H], all rows in request order
+        for planned in plan_batches(sequences, self.serving.max_batch_tokens):
+            batch = build_packed_batch(planned, self.settings.encoder_config.position_offset, self.device)
+            self.adapters.activate(batch)
+            rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
+            pooled[torch.tensor([sequence.output_row for sequence in planned])] = rows.cpu()
+        return {index: pooled[start : start + len(valid[index].sequences)] for index, start in first_row.items()}

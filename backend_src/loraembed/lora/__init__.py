@@ -1,0 +1,1 @@
+"""LoRA adapters: the PEFT on-disk contract, the device-slot registry and segmented LoRA layers."""

@@ -1,0 +1,74 @@
+"""Text to token ids with the checkpoint's fast tokenizer (`tokenizer.json`), batched, in Rust.
+
+Truncation keeps the special tokens: the text is cut to `max_seq_len` tokens including them, as
+HF and sentence-transformers do. With `truncate=False` a longer text is an error naming its length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import CheckpointError, InvalidInputError, SequenceTooLongError
+
+
+class TextTokenizer:
+    def __init__(self, model_path: Path, max_seq_len: int, max_text_bytes: int = 1_000_000):
+        tokenizer_file = model_path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise CheckpointError(f"{tokenizer_file} is missing (a fast tokenizer is required)")
+        self.max_seq_len = max_seq_len
+        self.max_text_bytes = max_text_bytes
+        self._full = Tokenizer.from_file(str(tokenizer_file))
+        self._full.no_padding()
+        self._full.no_truncation()
+        self._truncating = Tokenizer.from_file(str(tokenizer_file))
+        self._truncating.no_padding()
+        self._truncating.enable_truncation(max_length=max_seq_len)
+        self.pad_token_id = self._find_pad_id()
+
+    def _find_pad_id(self) -> int:
+        for token in ("<pad>", "[PAD]"):
+            token_id = self._full.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return 0
+
+    def decode_texts(self, raw_texts: list[bytes | str]) -> list[str]:
+        """UTF-8 bytes from the client to str, rejecting empty, oversized and invalid texts."""
+        texts = []
+        for index, raw in enumerate(raw_texts):
+            size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
+            if size > self.max_text_bytes:
+                raise InvalidInputError(f"text {index} is {size} bytes, more than max_text_bytes={self.max_text_bytes}")
+            if isinstance(raw, bytes):
+                try:
+                    raw = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise InvalidInputError(f"text {index} is not valid UTF-8: {error}") from None
+            if not raw.strip():
+                raise InvalidInputError(f"text {index} is empty")
+            texts.append(raw)
+        return texts
+
+    def encode(self, texts: list[str], truncate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, [n, L] int64 each, right-padded with the pad id."""
+        if truncate:
+            encodings = self._truncating.encode_batch(texts, add_special_tokens=True)
+        else:
+            encodings = self._full.encode_batch(texts, add_special_tokens=True)
+            for index, encoding in enumerate(encodings):
+                if len(encoding.ids) > self.max_seq_len:
+                    raise SequenceTooLongError(
+                        f"text {index} is {len(encoding.ids)} tokens, more than max_seq_len={self.max_seq_len}; "
+                        "send truncate=true to cut it"
+                    )
+        longest = max(len(encoding.ids) for encoding in encodings)
+        input_ids = np.full((len(texts), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(texts), longest), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            input_ids[row, : len(encoding.ids)] = encoding.ids
+            attention_mask[row, : len(encoding.ids)] = 1
+        return input_ids, attention_mask
