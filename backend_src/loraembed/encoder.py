@@ -124,28 +124,43 @@ class PackedEncoder(nn.Module):
             hidden = layer(hidden, batch, self.attention_backend)
         return hidden
 
+    def checkpoint_shapes(self) -> dict[str, torch.Size]:
+        """Parameter names and shapes as the checkpoint spells them (fused modules split back into parts)."""
+        shapes = {}
+        for name, tensor in self.state_dict().items():
+            module, _, parameter = name.rpartition(".")
+            parts = next((parts for fused, parts in FUSED_PROJECTIONS.items() if module.endswith("." + fused)), None)
+            if parts is None:
+                shapes[name] = tensor.shape
+                continue
+            layer_prefix = module[: module.rindex(".attention.")]  # encoder.layer.{i}
+            for part in parts:  # the fused output features are the parts' outputs, concatenated equally
+                shapes[f"{layer_prefix}.{part}.{parameter}"] = torch.Size((tensor.shape[0] // len(parts), *tensor.shape[1:]))
+        return shapes
+
     def load_checkpoint_state(self, checkpoint_state: dict[str, torch.Tensor]) -> None:
         """Load HF weights (any prefix), fusing Q/K/V; fail naming every missing/unexpected key."""
         state = normalize_checkpoint_keys(checkpoint_state)
-        for index in range(self.config.num_hidden_layers):
-            for fused, parts in FUSED_PROJECTIONS.items():
-                for parameter in ("weight", "bias"):
-                    names = [f"encoder.layer.{index}.{part}.{parameter}" for part in parts]
-                    if all(name in state for name in names):
-                        state[f"encoder.layer.{index}.{fused}.{parameter}"] = torch.cat([state.pop(n) for n in names])
-        expected = self.state_dict()
+        # Compare in the checkpoint's own names before fusing, so errors name the keys the user has
+        # (e.g. a missing `query.weight`, not `qkv.weight`) and bad shapes never reach torch.cat.
+        expected = self.checkpoint_shapes()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong_shape = sorted(
-            f"{name} {tuple(state[name].shape)} (expected {tuple(expected[name].shape)})"
+            f"{name} {tuple(state[name].shape)} (expected {tuple(expected[name])})"
             for name in set(state) & set(expected)
-            if state[name].shape != expected[name].shape
+            if state[name].shape != expected[name]
         )
         if missing or unexpected or wrong_shape:
             raise CheckpointError(
                 "checkpoint does not match the architecture: "
                 f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; wrong shape {wrong_shape or 'none'}"
             )
+        for index in range(self.config.num_hidden_layers):
+            for fused, parts in FUSED_PROJECTIONS.items():
+                for parameter in ("weight", "bias"):
+                    names = [f"encoder.layer.{index}.{part}.{parameter}" for part in parts]
+                    state[f"encoder.layer.{index}.{fused}.{parameter}"] = torch.cat([state.pop(n) for n in names])
         self.load_state_dict(state, strict=True)
 
 

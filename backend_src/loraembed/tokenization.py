@@ -55,20 +55,40 @@ class TextTokenizer:
 
     def encode(self, texts: list[str], truncate: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, [n, L] int64 each, right-padded with the pad id."""
-        if truncate:
-            encodings = self._truncating.encode_batch(texts, add_special_tokens=True)
-        else:
-            encodings = self._full.encode_batch(texts, add_special_tokens=True)
-            for index, encoding in enumerate(encodings):
-                if len(encoding.ids) > self.max_seq_len:
-                    raise SequenceTooLongError(
-                        f"text {index} is {len(encoding.ids)} tokens, more than max_seq_len={self.max_seq_len}; "
-                        "send truncate=true to cut it"
-                    )
-        longest = max(len(encoding.ids) for encoding in encodings)
-        input_ids = np.full((len(texts), longest), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(texts), longest), dtype=np.int64)
+        result = self.encode_requests([texts], [truncate])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def encode_requests(
+        self, requests: list[list[str]], truncate: list[bool]
+    ) -> list[tuple[np.ndarray, np.ndarray] | SequenceTooLongError]:
+        """Tokenize the texts of many requests in one parallel call per truncation setting."""
+        results: list = [None] * len(requests)
+        for tokenizer, wanted in ((self._truncating, True), (self._full, False)):
+            indices = [index for index, flag in enumerate(truncate) if flag == wanted]
+            texts = [text for index in indices for text in requests[index]]
+            if not texts:
+                continue
+            encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+            offset = 0
+            for index in indices:
+                count = len(requests[index])
+                results[index] = self._to_arrays(encodings[offset : offset + count])
+                offset += count
+        return results
+
+    def _to_arrays(self, encodings) -> tuple[np.ndarray, np.ndarray] | SequenceTooLongError:
+        lengths = [len(encoding.ids) for encoding in encodings]
+        for index, length in enumerate(lengths):
+            if length > self.max_seq_len:
+                return SequenceTooLongError(
+                    f"text {index} is {length} tokens, more than max_seq_len={self.max_seq_len}; "
+                    "send truncate=true to cut it"
+                )
+        input_ids = np.full((len(encodings), max(lengths)), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(encodings), max(lengths)), dtype=np.int64)
         for row, encoding in enumerate(encodings):
-            input_ids[row, : len(encoding.ids)] = encoding.ids
-            attention_mask[row, : len(encoding.ids)] = 1
+            input_ids[row, : lengths[row]] = encoding.ids
+            attention_mask[row, : lengths[row]] = 1
         return input_ids, attention_mask

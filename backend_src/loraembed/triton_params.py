@@ -1,0 +1,33 @@
+"""Helpers for the Triton `model.py` files that need no Triton import: reading the model
+configuration's `parameters`, request parameters and the instance's device."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import torch
+
+
+def parameters_from_model_config(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """`parameters { key: "x" value: { string_value: "..." } }` as a plain dict."""
+    return {name: value.get("string_value", "") for name, value in model_config.get("parameters", {}).items()}
+
+
+def request_parameters(parameters_json: str) -> dict[str, Any]:
+    """A request's parameters (Triton passes them as a JSON object string)."""
+    return json.loads(parameters_json) if parameters_json else {}
+
+
+def instance_device(kind: str, device_id: str | int) -> torch.device:
+    """The device of a Triton model instance; makes it current so every CUDA call lands there."""
+    if kind == "GPU" and torch.cuda.is_available():
+        device = torch.device("cuda", int(device_id))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def decode_strings(array: Any) -> list[str]:
+    """A BYTES tensor [n, 1] (or [n]) of UTF-8 ids to a list of str; undecodable bytes raise ValueError."""
+    return [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in array.reshape(-1)]

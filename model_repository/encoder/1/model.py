@@ -1,0 +1,63 @@
+"""Triton Python model `encoder`: INPUT_IDS, ATTENTION_MASK (+ optional ADAPTER_ID) -> EMBEDDING.
+Thin: validation, packing, LoRA and the forward pass are loraembed.engine.EmbeddingEngine."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from loraembed.config import ServingConfig
+from loraembed.engine import EmbeddingEngine, EncoderRequest
+from loraembed.errors import InvalidInputError, RequestError
+from loraembed.triton_params import decode_strings, instance_device, parameters_from_model_config, request_parameters
+
+assert np.__version__.startswith("1."), f"Triton 2.51's Python stub needs numpy<2, found {np.__version__}"
+
+
+def _error_response(message: str, code_name: str):
+    code = getattr(pb_utils.TritonError, code_name)
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def _read_request(request) -> EncoderRequest:
+    adapter_tensor = pb_utils.get_input_tensor_by_name(request, "ADAPTER_ID")
+    try:
+        adapter_ids = None if adapter_tensor is None else decode_strings(adapter_tensor.as_numpy())
+    except UnicodeDecodeError:
+        raise InvalidInputError("ADAPTER_ID is not valid UTF-8") from None
+    return EncoderRequest(
+        input_ids=pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy(),
+        attention_mask=pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
+        adapter_ids=adapter_ids,
+        parameters=request_parameters(request.parameters()),
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config = json.loads(args["model_config"])
+        serving = ServingConfig.from_parameters(parameters_from_model_config(model_config))
+        device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
+        self.engine = EmbeddingEngine(serving, device)
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        readable, indices = [], []
+        for index, request in enumerate(requests):
+            try:
+                readable.append(_read_request(request))
+                indices.append(index)
+            except RequestError as error:
+                responses[index] = _error_response(str(error), "INVALID_ARG")
+        try:
+            results = self.engine.embed(readable)
+        except Exception as error:  # keep serving: this batch fails, the next one runs
+            results = [RuntimeError(f"internal error in the encoder: {type(error).__name__}: {error}")] * len(readable)
+        for index, result in zip(indices, results):
+            if isinstance(result, RequestError):
+                responses[index] = _error_response(str(result), "INVALID_ARG")
+            elif isinstance(result, Exception):
+                responses[index] = _error_response(str(result), "INTERNAL")
+            else:
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", result)])
+        return responses
