@@ -1,0 +1,64 @@
+"""Embed texts with the `embed` ensemble over gRPC and print a cosine-similarity table.
+
+    python client_examples/grpc_client.py "A cat sits on the mat." "A kitten lies on a rug." "Stocks fell."
+"""
+
+import argparse
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from embedding_table import print_similarity_table
+
+
+def build_inputs(texts: list[str], adapter: str | None = None) -> list[grpcclient.InferInput]:
+    """TEXT [n, 1] and, with an adapter, ADAPTER_ID [n, 1]: the same id for every text."""
+    columns = {"TEXT": texts}
+    if adapter:
+        columns["ADAPTER_ID"] = [adapter] * len(texts)
+    inputs = []
+    for name, values in columns.items():
+        array = np.array([[value.encode("utf-8")] for value in values], dtype=object)  # [n, 1]
+        inputs.append(grpcclient.InferInput(name, list(array.shape), "BYTES"))
+        inputs[-1].set_data_from_numpy(array)
+    return inputs
+
+
+def request_parameters(normalize: bool | None, dimensions: int | None) -> dict:
+    """The request parameters of `embed`; an option left as None keeps the server's default."""
+    parameters = {"normalize": normalize, "dimensions": dimensions}
+    return {name: value for name, value in parameters.items() if value is not None}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed (at most 1024)")
+    parser.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint (default: %(default)s)")
+    parser.add_argument("--adapter", metavar="ID", help="LoRA adapter id for every text (default: the base model)")
+    parser.add_argument("--dimensions", type=int, metavar="N", help="keep the first N dimensions (Matryoshka)")
+    parser.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction,
+        help="L2-normalize the embeddings (default: the server's setting)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    client = grpcclient.InferenceServerClient(args.url)
+    try:
+        result = client.infer(
+            "embed",
+            build_inputs(args.texts, args.adapter),
+            outputs=[grpcclient.InferRequestedOutput("EMBEDDING")],
+            parameters=request_parameters(args.normalize, args.dimensions),
+        )
+    except InferenceServerException as error:
+        sys.exit(f"error: {error}")
+    print_similarity_table(args.texts, result.as_numpy("EMBEDDING"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""On a GPU host with tritonserver (scripts/gpu_host_env.sh): the `embed` ensemble answers with a
+KIND_GPU encoder (KIND_AUTO picks it), bf16, and matches fp32 `transformers` (cosine >= 0.999)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support.checkpoints import xlmr_tokenizer
+from triton_server import TritonServer
+
+pytestmark = pytest.mark.gpu
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+@pytest.fixture(scope="module")
+def xlmr_base_folder(tmp_path_factory):
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(0)
+    config = XLMRobertaConfig(
+        vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+    )
+    folder = tmp_path_factory.mktemp("xlmr-base")
+    XLMRobertaModel(config).save_pretrained(folder)
+    xlmr_tokenizer(vocab_size=250).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpu_server(xlmr_base_folder, tmp_path_factory):
+    backends = os.environ.get("TRITON_BACKENDS")
+    if not backends:
+        pytest.skip("TRITON_BACKENDS is not set: source scripts/gpu_host_env.sh with the server bundle")
+    server = TritonServer(
+        REPOSITORY,
+        env={"LORAEMBED_MODEL": str(xlmr_base_folder), "LORAEMBED_POOLING": "mean"},
+        log_dir=tmp_path_factory.mktemp("gpu-server"),
+        triton_home=Path(backends).parent,
+    ).start()
+    yield server
+    print(server.log_tail(40))
+    server.stop()
+
+
+def test_ensemble_answers_with_a_gpu_encoder(gpu_server, xlmr_base_folder):
+    import tritonclient.grpc as grpcclient
+    from transformers import AutoModel
+
+    with urllib.request.urlopen(f"http://{gpu_server.http_url}/v2/models/encoder/config") as response:
+        assert json.loads(response.read())["instance_group"][0]["kind"] == "KIND_GPU"
+    texts = ["hello world", "the text is of the world", "äöü 日本語のテキスト " * 20, "a"]
+    array = np.array([[t.encode()] for t in texts], dtype=object)
+    text = grpcclient.InferInput("TEXT", list(array.shape), "BYTES")
+    text.set_data_from_numpy(array)
+    client = grpcclient.InferenceServerClient(gpu_server.grpc_url)
+    ours = client.infer("embed", [text], parameters={"normalize": False}).as_numpy("EMBEDDING")
+
+    tokenizer = xlmr_tokenizer(vocab_size=250)
+    encodings = tokenizer.encode_batch(texts)
+    ids = np.full((len(texts), max(len(e.ids) for e in encodings)), 1)
+    mask = np.zeros_like(ids)
+    for row, encoding in enumerate(encodings):
+        ids[row, : len(encoding.ids)] = encoding.ids
+        mask[row, : len(encoding.ids)] = 1
+    model = AutoModel.from_pretrained(xlmr_base_folder).cuda().float().eval()
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(ids).cuda(), attention_mask=torch.tensor(mask).cuda()).last_hidden_state
+    weights = torch.tensor(mask).cuda()[..., None].float()
+    reference = ((hidden * weights).sum(1) / weights.sum(1)).cpu().numpy()
+    cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+    print(f"GPU server vs fp32 transformers: min cosine {cosine.min():.6f}")
+    assert cosine.min() >= 0.999
+    assert "device=cuda:0 dtype=bfloat16" in gpu_server.log_text()  # dtype auto: bf16 on the GPU
