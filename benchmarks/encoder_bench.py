@@ -105,7 +105,9 @@ def timed(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def measure_engine(engine: EmbeddingEngine, sequences: list[np.ndarray], adapter_ids: list[str], repeats: int) -> dict:
+def measure_engine(
+    engine: EmbeddingEngine, sequences: list[np.ndarray], adapter_ids: list[str], repeats: int, profile_file: Path | None = None
+) -> dict:
     """Forward passes on pre-packed batches ("forward") and the full `embed` path from id arrays ("engine")."""
     refs = [SequenceRef(0, row, tokens, 0) for row, tokens in enumerate(sequences)]
     slots = engine.adapters.acquire(set(adapter_ids))
@@ -122,6 +124,13 @@ def measure_engine(engine: EmbeddingEngine, sequences: list[np.ndarray], adapter
     torch.cuda.reset_peak_memory_stats()
     forward_seconds = timed(forward_only, repeats)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile_file is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            forward_only()
+            torch.cuda.synchronize()
+        profile_file.write_text(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     engine.adapters.release()
 
     # The serving path: requests of 32 rows each, right-padded arrays as the encoder model gets them.
@@ -178,6 +187,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baselines", default="arrival64,sorted256")
     parser.add_argument("--out", default=str(Path(__file__).parent))
+    parser.add_argument("--profile", action="store_true", help="write a kernel profile of each forward measurement to --out")
     args = parser.parse_args()
 
     card = torch.cuda.get_device_name()
@@ -206,7 +216,8 @@ def main() -> None:
                 config = engine.settings.encoder_config
                 sequences = random_sequences(lengths, config.vocab_size, rng, 0 if config.position_offset else 101, 2 if config.position_offset else 102)
                 flops = encoder_flops(config, lengths)
-                result = measure_engine(engine, sequences, [""] * len(sequences), args.repeats)
+                profile_file = Path(args.out) / f"profile-{model_name}-{workload}-{attention}.txt" if args.profile else None
+                result = measure_engine(engine, sequences, [""] * len(sequences), args.repeats, profile_file)
                 for kind in ("forward", "engine"):
                     seconds = result[f"{kind}_s"]
                     rows.append(dict(model=model_name, workload=workload, mode="base", system=f"loraembed {kind} ({attention})",

@@ -14,6 +14,7 @@ from .attention import varlen_attention
 from .checkpoint import normalize_checkpoint_keys, read_state_dict
 from .config import EncoderConfig
 from .errors import CheckpointError
+from .fused_ops import add_layer_norm
 from .packing import PackedBatch
 
 # The one fusion table (vLLM's packed_modules_mapping): a fused module and the checkpoint modules
@@ -28,6 +29,10 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
 
 
 class Embeddings(nn.Module):
@@ -95,9 +100,9 @@ class Layer(nn.Module):
         query, key, value = qkv.unbind(1)  # each [T, heads, head_dim]
         context = varlen_attention(query, key, value, batch.cu_seqlens, batch.max_seqlen, attention_backend)
         attended = self.attention.output.dense(context.reshape(total_tokens, hidden_size))  # [T, H]
-        hidden = self.attention.output.LayerNorm(attended + hidden)
+        hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm)
         intermediate = self.activation(self.intermediate.dense(hidden))  # [T, I]
-        return self.output.LayerNorm(self.output.dense(intermediate) + hidden)  # [T, H]
+        return _add_layer_norm(self.output.dense(intermediate), hidden, self.output.LayerNorm)  # [T, H]
 
 
 class LayerStack(nn.Module):
