@@ -40,14 +40,16 @@ class TextTokenizer:
         """UTF-8 bytes from the client to str, rejecting empty, oversized and invalid texts."""
         texts = []
         for index, raw in enumerate(raw_texts):
-            size = len(raw.encode("utf-8") if isinstance(raw, str) else raw)
-            if size > self.max_text_bytes:
-                raise InvalidInputError(f"text {index} is {size} bytes, more than max_text_bytes={self.max_text_bytes}")
-            if isinstance(raw, bytes):
-                try:
-                    raw = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise InvalidInputError(f"text {index} is not valid UTF-8: {error}") from None
+            try:
+                # A str with lone surrogates has no UTF-8 form: as invalid as undecodable bytes.
+                data = raw.encode("utf-8") if isinstance(raw, str) else raw
+                if len(data) > self.max_text_bytes:
+                    raise InvalidInputError(
+                        f"text {index} is {len(data)} bytes, more than max_text_bytes={self.max_text_bytes}"
+                    )
+                raw = data.decode("utf-8")
+            except UnicodeError as error:
+                raise InvalidInputError(f"text {index} is not valid UTF-8: {error}") from None
             if not raw.strip():
                 raise InvalidInputError(f"text {index} is empty")
             texts.append(raw)

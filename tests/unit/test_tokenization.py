@@ -1,0 +1,137 @@
+"""Text to token ids: equal to HF's tokenizers (truncation keeps the special tokens), an error
+naming the length when asked not to truncate, and clear errors for texts that cannot be served."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loraembed.config import ServingConfig
+from loraembed.errors import CheckpointError, InvalidInputError, SequenceTooLongError
+from loraembed.tokenization import TextTokenizer
+
+LONG_TEXT = " ".join(f"Paragraph {index}: embeddings map text to vectors for retrieval." for index in range(60))
+TEXTS = [
+    "Hello world",
+    "Die Straßenbahn fährt über die Brücke.",
+    "東京は日本の首都です。",
+    "I love pizza 🍕🎉 and emoji",
+    LONG_TEXT,
+    "a",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_hf_tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def hf_encode(hf_tokenizer, texts, max_length=None):
+    if max_length is None:
+        return hf_tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return hf_tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+
+
+def rows(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[list[int]]:
+    return [row[: int(length)].tolist() for row, length in zip(input_ids, attention_mask.sum(1))]
+
+
+@pytest.mark.parametrize("max_seq_len", [256, 16, 3])
+def test_truncation_equals_hf_on_the_bundled_model(minilm_path, minilm_hf_tokenizer, max_seq_len):
+    input_ids, attention_mask = TextTokenizer(minilm_path, max_seq_len).encode(TEXTS)
+    expected = hf_encode(minilm_hf_tokenizer, TEXTS, max_seq_len)
+    assert rows(input_ids, attention_mask) == expected
+    assert max(len(ids) for ids in expected) == max_seq_len  # some text really was cut
+    cls_id, sep_id = minilm_hf_tokenizer.cls_token_id, minilm_hf_tokenizer.sep_token_id
+    assert all(ids[0] == cls_id and ids[-1] == sep_id for ids in rows(input_ids, attention_mask))
+
+
+def test_untruncated_texts_equal_hf(minilm_path, minilm_hf_tokenizer):
+    texts = TEXTS[:4] + TEXTS[5:]
+    input_ids, attention_mask = TextTokenizer(minilm_path, 256).encode(texts, truncate=False)
+    assert rows(input_ids, attention_mask) == hf_encode(minilm_hf_tokenizer, texts)
+
+
+def test_truncation_equals_hf_on_an_xlmr_tokenizer(tiny_xlmr_path):
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tiny_xlmr_path / "tokenizer.json"))
+    texts = ["hello world", "the text of a longer sentence is cut here and there", "Größe"]
+    input_ids, attention_mask = TextTokenizer(tiny_xlmr_path, 8).encode(texts)
+    assert rows(input_ids, attention_mask) == hf_encode(hf_tokenizer, texts, 8)
+    assert all(ids[0] == 0 and ids[-1] == 2 for ids in rows(input_ids, attention_mask))  # <s> ... </s>
+    assert attention_mask.sum(1).max() == 8
+
+
+@pytest.mark.parametrize("model, pad_id", [("minilm", 0), ("xlmr", 1)])
+def test_output_is_right_padded_with_the_pad_id(minilm_path, tiny_xlmr_path, model, pad_id):
+    tokenizer = TextTokenizer({"minilm": minilm_path, "xlmr": tiny_xlmr_path}[model], 32)
+    input_ids, attention_mask = tokenizer.encode(["a", "hello world and the text", "the"])
+    assert input_ids.dtype == attention_mask.dtype == np.int64
+    assert input_ids.shape == attention_mask.shape
+    lengths = attention_mask.sum(1)
+    assert (attention_mask == (np.arange(input_ids.shape[1]) < lengths[:, None])).all()  # ones, then zeros
+    assert (input_ids[attention_mask == 0] == pad_id).all()
+    assert attention_mask[:, -1].any()  # no column of padding only
+
+
+def test_too_long_without_truncation_names_the_length(minilm_path, minilm_hf_tokenizer):
+    length = len(hf_encode(minilm_hf_tokenizer, [LONG_TEXT])[0])
+    assert length > 256
+    with pytest.raises(SequenceTooLongError, match=rf"text 1 is {length} tokens, more than max_seq_len=256; send truncate=true"):
+        TextTokenizer(minilm_path, 256).encode(["short", LONG_TEXT], truncate=False)
+
+
+def test_text_of_exactly_max_seq_len_tokens_needs_no_truncation(minilm_path, minilm_hf_tokenizer):
+    text = "one two three four"
+    length = len(hf_encode(minilm_hf_tokenizer, [text])[0])  # with [CLS] and [SEP]
+    input_ids, _ = TextTokenizer(minilm_path, length).encode([text], truncate=False)
+    assert input_ids.shape == (1, length)
+    with pytest.raises(SequenceTooLongError, match=rf"text 0 is {length} tokens, more than max_seq_len={length - 1}"):
+        TextTokenizer(minilm_path, length - 1).encode([text], truncate=False)
+
+
+TEN_MEGABYTES = 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ("", r"text 1 is empty"),
+        (b"", r"text 1 is empty"),
+        ("   \t\n ", r"text 1 is empty"),
+        ("\u3000\u00a0", r"text 1 is empty"),  # ideographic and no-break spaces
+        (b"caf\xe9", r"text 1 is not valid UTF-8: .*byte 0xe9 in position 3"),
+        (b"\xff\xfe", r"text 1 is not valid UTF-8"),
+        (b"abc\xe6\x97", r"text 1 is not valid UTF-8: .*unexpected end of data"),
+        ("ok \ud800", r"text 1 is not valid UTF-8: .*surrogates not allowed"),  # a str with no UTF-8 form
+        (b"a" * TEN_MEGABYTES, rf"text 1 is {TEN_MEGABYTES} bytes, more than max_text_bytes=1000000"),
+        ("a" * TEN_MEGABYTES, rf"text 1 is {TEN_MEGABYTES} bytes, more than max_text_bytes=1000000"),
+    ],
+    ids=["empty", "empty-bytes", "whitespace", "unicode-whitespace", "latin-1", "bad-bytes", "cut-utf8", "lone-surrogate", "10MB-bytes", "10MB-str"],
+)
+def test_bad_texts_are_invalid_input(minilm_path, raw, match):
+    tokenizer = TextTokenizer(minilm_path, 256, max_text_bytes=ServingConfig().max_text_bytes)
+    with pytest.raises(InvalidInputError, match=match):
+        tokenizer.decode_texts([b"fine", raw, b"also fine"])
+
+
+def test_text_size_counts_utf8_bytes_not_characters(minilm_path):
+    tokenizer = TextTokenizer(minilm_path, 256, max_text_bytes=12)
+    assert tokenizer.decode_texts(["ä" * 6, "a" * 12]) == ["ä" * 6, "a" * 12]  # 12 bytes each: at the limit
+    with pytest.raises(InvalidInputError, match=r"text 0 is 14 bytes, more than max_text_bytes=12"):
+        tokenizer.decode_texts(["ä" * 7])
+    with pytest.raises(InvalidInputError, match=r"text 0 is 13 bytes, more than max_text_bytes=12"):
+        tokenizer.decode_texts([b"a" * 13])
+
+
+def test_valid_texts_decode_to_str(minilm_path):
+    raw = [text.encode("utf-8") for text in TEXTS] + ["already a str 🍕"]
+    assert TextTokenizer(minilm_path, 256).decode_texts(raw) == TEXTS + ["already a str 🍕"]
+
+
+def test_checkpoint_without_tokenizer_json(tmp_path):
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is missing \(a fast tokenizer is required\)"):
+        TextTokenizer(tmp_path, 16)
