@@ -18,11 +18,12 @@ from .checkpoint import read_encoder_config, read_sentence_transformers_settings
 from .config import EncoderConfig, RequestOptions, ServingConfig
 from .encoder import PackedEncoder, load_packed_encoder
 from .errors import AdapterError, ConfigurationError, InvalidInputError, RequestError
-from .packing import SequenceRef, build_packed_batch, plan_batches
+from .lora.metrics import AdapterCounters, AdapterMetrics
+from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
+from .packing import PackedBatch, SequenceRef, build_packed_batch, plan_batches
 from .pooling import finalize_embeddings, pool
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BASE_ADAPTER_ID = ""
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,15 @@ class _ValidRequest:
 
 
 class BaseModelOnly:
-    """Adapter resolution when no LoRA registry is configured: only the base model is served."""
+    """Adapter resolution when no LoRA registry is configured: only the base model is served.
+
+    The interface every registry has (`lora.registry.AdapterRegistry`, `MergedAdapterRegistry`).
+    """
+
+    max_adapters_per_batch: int | None = None  # None: no limit on distinct adapters per group
+
+    def __init__(self) -> None:
+        self.counters = AdapterCounters()
 
     def acquire(self, adapter_ids: set[str]) -> dict[str, int | AdapterError]:
         return {
@@ -82,11 +91,17 @@ class BaseModelOnly:
             for adapter_id in adapter_ids
         }
 
-    def activate(self, batch) -> None:  # no LoRA layers to point at the batch
-        pass
+    def activate(self, batch: PackedBatch) -> None:  # no LoRA layers to point at the batch
+        self.counters.count_batch(batch, lambda slot: BASE_ADAPTER_ID)
 
     def release(self) -> None:
         pass
+
+    def count_requests(self, adapter_ids_per_request) -> None:
+        self.counters.count_requests(adapter_ids_per_request)
+
+    def snapshot(self) -> AdapterMetrics:
+        return self.counters.snapshot(resident=0, capacity=0)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -105,7 +120,13 @@ class EmbeddingEngine:
         self.model: PackedEncoder = load_packed_encoder(
             self.settings.model_path, self.settings.encoder_config, self.dtype, self.device, self.attention_backend
         )
-        self.adapters = BaseModelOnly()
+        self.adapters = create_adapter_registry(self.model, serving) or BaseModelOnly()
+
+    def describe(self) -> str:
+        return (
+            f"model={self.settings.model_path} device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
+            f"attention={self.attention_backend} pooling={self.settings.pooling} max_seq_len={self.settings.max_seq_len}"
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -163,6 +184,41 @@ class EmbeddingEngine:
                 valid[index] = self.validate(request)
             except RequestError as error:
                 results[index] = error
+        for group in self._groups_within_adapter_slots(valid, results):
+            self._embed_group(group, results)
+        return results  # type: ignore[return-value]
+
+    def _groups_within_adapter_slots(
+        self, valid: dict[int, _ValidRequest], results: list
+    ) -> list[dict[int, _ValidRequest]]:
+        """Requests in arrival order, cut so no group names more distinct adapters than fit in device
+        slots at once; a request that alone names more gets an AdapterError."""
+        limit = self.adapters.max_adapters_per_batch
+        if limit is None:
+            return [valid] if valid else []
+        groups: list[dict[int, _ValidRequest]] = []
+        current: dict[int, _ValidRequest] = {}
+        current_ids: set[str] = set()
+        for index, request in valid.items():
+            adapter_ids = set(request.adapter_ids) - {BASE_ADAPTER_ID}
+            if len(adapter_ids) > limit:
+                results[index] = AdapterError(
+                    f"the request names {len(adapter_ids)} different adapters; at most max_adapters={limit} "
+                    "fit on the device at once"
+                )
+                continue
+            if current and len(current_ids | adapter_ids) > limit:
+                groups.append(current)
+                current, current_ids = {}, set()
+            current[index] = request
+            current_ids |= adapter_ids
+        if current:
+            groups.append(current)
+        return groups
+
+    def _embed_group(self, valid: dict[int, _ValidRequest], results: list) -> None:
+        """Resolve the group's adapters to slots, run its forward passes, fill in its results."""
+        valid = dict(valid)
         wanted = {adapter_id for request in valid.values() for adapter_id in request.adapter_ids}
         try:
             slots = self.adapters.acquire(wanted)
@@ -174,10 +230,10 @@ class EmbeddingEngine:
             pooled = self._forward(valid, slots)
         finally:
             self.adapters.release()
+        self.adapters.count_requests(request.adapter_ids for request in valid.values())
         for index, request in valid.items():
             embeddings = finalize_embeddings(pooled[index], request.options.dimensions, request.options.normalize)
             results[index] = embeddings.numpy()
-        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _forward(self, valid: dict[int, _ValidRequest], slots: Mapping[str, int | AdapterError]) -> dict[int, torch.Tensor]:
