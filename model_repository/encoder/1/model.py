@@ -39,6 +39,7 @@ class TritonPythonModel:
         serving = ServingConfig.from_parameters(parameters_from_model_config(model_config))
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
         self.engine = EmbeddingEngine(serving, device)
+        pb_utils.Logger.log_info(f"loraembed encoder ready: {self.engine.describe()}")
 
     def execute(self, requests):
         responses = [None] * len(requests)
