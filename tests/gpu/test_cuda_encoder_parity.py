@@ -26,19 +26,10 @@ def _usable(backend: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def xlmr_base(tmp_path_factory):
-    """Random XLM-R base (12 x 768, pad_token_id 1) saved as a checkpoint folder."""
-    from transformers import XLMRobertaConfig, XLMRobertaModel
+def xlmr_base(xlmr_base_folder):
+    from transformers import AutoModel
 
-    torch.manual_seed(0)
-    config = XLMRobertaConfig(
-        vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-        intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
-    )
-    model = XLMRobertaModel(config)
-    folder = tmp_path_factory.mktemp("xlmr-base")
-    model.save_pretrained(folder)
-    return folder, model
+    return xlmr_base_folder, AutoModel.from_pretrained(xlmr_base_folder)
 
 
 def _random_batch(rng: np.random.Generator, lengths: list[int], vocab: int) -> tuple[np.ndarray, np.ndarray]:

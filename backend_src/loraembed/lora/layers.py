@@ -23,6 +23,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
 from .segmented import apply_segmented_lora
+from .sgmv_triton import build_block_table, sgmv_lora, sgmv_supported
 
 # Linear modules under `encoder.layer.{i}.` that take LoRA -> the PEFT modules whose output
 # features they hold, in order (one, or several for a fused projection).
@@ -76,6 +77,7 @@ class LoraBatchState:
     """What the wrapped linears need to know about the batch being run (shared by all of them)."""
 
     segments: tuple[AdapterSegment, ...] = field(default_factory=tuple)
+    block_table: torch.Tensor | None = None  # for the GPU kernels; see sgmv_triton.build_block_table
 
 
 class SegmentedLoraLinear(nn.Linear):
@@ -99,16 +101,24 @@ class SegmentedLoraLinear(nn.Linear):
         return f"{super().extra_repr()}, slices={self.slice_widths}, rank_capacity={self.rank_capacity}"
 
     def _ensure_rank_capacity(self, rank: int) -> None:
+        """Grow the buffers to `rank`. One A [slots, slices * rank, in] and one B [slots, out, rank]
+        hold all slices (the per-slice tuples are views), so the GPU kernel reads them in one go."""
         if rank <= self.rank_capacity:
             return
         options = {"device": self.weight.device, "dtype": self.weight.dtype}
-        grown_a = tuple(torch.zeros(self.num_slots, rank, self.in_features, **options) for _ in self.slice_widths)
-        grown_b = tuple(torch.zeros(self.num_slots, width, rank, **options) for width in self.slice_widths)
-        for old, new in zip(self.lora_a, grown_a):
-            new[:, : self.rank_capacity] = old
-        for old, new in zip(self.lora_b, grown_b):
-            new[:, :, : self.rank_capacity] = old
-        self.lora_a, self.lora_b, self.rank_capacity = grown_a, grown_b, rank
+        old_capacity, slices = self.rank_capacity, len(self.slice_widths)
+        lora_a_cat = torch.zeros(self.num_slots, slices * rank, self.in_features, **options)
+        lora_b_cat = torch.zeros(self.num_slots, self.out_features, rank, **options)
+        if old_capacity:
+            for index in range(slices):
+                lora_a_cat[:, index * rank : index * rank + old_capacity] = self.lora_a[index]
+            lora_b_cat[:, :, :old_capacity] = self.lora_b_cat
+        columns = [0]
+        for width in self.slice_widths:
+            columns.append(columns[-1] + width)
+        self.lora_a_cat, self.lora_b_cat, self.rank_capacity = lora_a_cat, lora_b_cat, rank
+        self.lora_a = tuple(lora_a_cat[:, index * rank : (index + 1) * rank] for index in range(slices))
+        self.lora_b = tuple(lora_b_cat[:, columns[i] : columns[i + 1]] for i in range(slices))
 
     # Inference mode throughout: slot tensors are only ever read by inference-mode forwards, and
     # creating and updating them the same way works whether or not the caller is in inference mode.
@@ -138,9 +148,20 @@ class SegmentedLoraLinear(nn.Linear):
         output = F.linear(x, self.weight, self.bias)  # [T, out]
         if self.rank_capacity == 0:
             return output
-        segments = [segment for segment in self.batch_state.segments if self.slot_has_lora[segment.slot]]
-        if segments:
-            apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
+        state = self.batch_state
+        if not any(self.slot_has_lora[segment.slot] for segment in state.segments):
+            return output
+        width = self.slice_widths[0]
+        if (
+            state.block_table is not None
+            and all(w == width for w in self.slice_widths)
+            and sgmv_supported(x, width, self.rank_capacity)
+        ):
+            # Fast path: two Triton launches for all segments and slices (reference below).
+            sgmv_lora(x, output, self.lora_a_cat, self.lora_b_cat, self.rank_capacity, width, state.block_table)
+            return output
+        segments = [segment for segment in state.segments if self.slot_has_lora[segment.slot]]
+        apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output
 
 
@@ -153,6 +174,7 @@ class LoraLayers:
 
     def __init__(self, model: PackedEncoder, num_slots: int):
         self.num_slots = num_slots
+        self.device = model.embeddings.word_embeddings.weight.device
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self.linears: dict[str, SegmentedLoraLinear] = {}
@@ -189,9 +211,13 @@ class LoraLayers:
 
     def activate(self, segments: tuple[AdapterSegment, ...]) -> None:
         self.batch_state.segments = segments
+        self.batch_state.block_table = None
+        if self.device.type == "cuda" and any(segment.slot for segment in segments):
+            self.batch_state.block_table = build_block_table(segments, self.device)
 
     def deactivate(self) -> None:
         self.batch_state.segments = ()
+        self.batch_state.block_table = None
 
 
 @torch.no_grad()

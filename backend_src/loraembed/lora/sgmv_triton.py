@@ -1,0 +1,156 @@
+"""Segmented LoRA as two Triton-language kernels (the SGMV shrink/expand of punica, as vLLM uses).
+
+The packed batch is cut into blocks of at most BLOCK_T tokens that each lie inside one adapter
+segment; a block table [blocks, 3] (token start, token end, slot) built once per batch drives both
+kernels, so there is no host sync and no per-segment launch. Base-model tokens (slot 0) have no
+blocks and cost nothing.
+
+- shrink: shrunk[t, :] = x[t, :] @ A_cat[slot].T, one launch for all output slices of a fused
+  projection (q | k | v), so the activations are read once.
+- expand: output[t, slice i] += shrunk[t, i*R:(i+1)*R] @ B_cat[slot, slice i].T, accumulated in
+  place into the base linear's output (no separate add).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: only the reference path exists
+    triton = None
+
+BLOCK_T = 64
+
+
+def build_block_table(segments, device: torch.device) -> torch.Tensor | None:
+    """[blocks, 3] int32 (token start, token end, slot) for every non-base segment; None if none."""
+    rows = []
+    for segment in segments:
+        if segment.slot == 0:
+            continue
+        for start in range(segment.token_start, segment.token_end, BLOCK_T):
+            rows.append((start, min(start + BLOCK_T, segment.token_end), segment.slot))
+    if not rows:
+        return None
+    table = torch.tensor(rows, dtype=torch.int32)
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sgmv_shrink_kernel(
+        x_ptr, a_ptr, out_ptr, table_ptr,
+        in_features, rank_total,
+        stride_x, stride_a_slot, stride_a_rank, stride_out,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        block = tl.program_id(0)
+        rank_block = tl.program_id(1)
+        token_start = tl.load(table_ptr + 3 * block)
+        token_end = tl.load(table_ptr + 3 * block + 1)
+        slot = tl.load(table_ptr + 3 * block + 2).to(tl.int64)
+        tokens = token_start + tl.arange(0, BLOCK_T)  # [BT]
+        ranks = rank_block * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+        token_mask = tokens < token_end
+        rank_mask = ranks < rank_total
+        x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x  # [BT, 1]
+        a_rows = a_ptr + slot * stride_a_slot + ranks[None, :] * stride_a_rank  # [1, BR]
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k_start in range(0, in_features, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            k_mask = k < in_features
+            x_tile = tl.load(x_rows + k[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
+            a_tile = tl.load(a_rows + k[:, None], mask=k_mask[:, None] & rank_mask[None, :], other=0.0)  # [BK, BR]
+            acc += tl.dot(x_tile, a_tile)
+        out = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + ranks[None, :]
+        tl.store(out, acc, mask=token_mask[:, None] & rank_mask[None, :])
+
+    @triton.jit
+    def _sgmv_expand_kernel(
+        shrunk_ptr, b_ptr, out_ptr, table_ptr,
+        out_features, rank, slice_width,
+        stride_shrunk, stride_b_slot, stride_b_row, stride_out,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        block = tl.program_id(0)
+        column_block = tl.program_id(1)
+        token_start = tl.load(table_ptr + 3 * block)
+        token_end = tl.load(table_ptr + 3 * block + 1)
+        slot = tl.load(table_ptr + 3 * block + 2).to(tl.int64)
+        tokens = token_start + tl.arange(0, BLOCK_T)  # [BT]
+        columns = column_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN], all inside one slice
+        slice_index = (column_block * BLOCK_N) // slice_width
+        ranks = tl.arange(0, BLOCK_R)
+        token_mask = tokens < token_end
+        rank_mask = ranks < rank
+        column_mask = columns < out_features
+        shrunk = tl.load(
+            shrunk_ptr + tokens.to(tl.int64)[:, None] * stride_shrunk + slice_index * rank + ranks[None, :],
+            mask=token_mask[:, None] & rank_mask[None, :], other=0.0,
+        )  # [BT, BR] float32
+        b_tile = tl.load(
+            b_ptr + slot * stride_b_slot + columns[None, :] * stride_b_row + ranks[:, None],
+            mask=rank_mask[:, None] & column_mask[None, :], other=0.0,
+        )  # [BR, BN]
+        delta = tl.dot(shrunk.to(b_tile.dtype), b_tile)  # [BT, BN] float32
+        out = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + columns[None, :]
+        mask = token_mask[:, None] & column_mask[None, :]
+        base = tl.load(out, mask=mask, other=0.0)
+        tl.store(out, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _column_block(slice_width: int) -> int | None:
+    for block in (128, 64, 32, 16):
+        if slice_width % block == 0:
+            return block
+    return None
+
+
+def sgmv_supported(x: torch.Tensor, slice_width: int, rank: int) -> bool:
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and _column_block(slice_width) is not None
+        and rank <= 128
+    )
+
+
+def sgmv_lora(
+    x: torch.Tensor,
+    output: torch.Tensor,
+    lora_a_cat: torch.Tensor,
+    lora_b_cat: torch.Tensor,
+    rank: int,
+    slice_width: int,
+    block_table: torch.Tensor,
+) -> None:
+    """output[t] += LoRA of the slot of t's block, for every block of `block_table`, in place.
+
+    x: [T, in]; output: [T, slices * slice_width]; lora_a_cat: [slots, slices * rank, in] (slice i's
+    A in rows i*rank..); lora_b_cat: [slots, slices * slice_width, rank] (scaling folded in).
+    """
+    num_blocks = block_table.shape[0]
+    rank_total = lora_a_cat.shape[1]
+    out_features = lora_b_cat.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    shrunk = torch.empty(x.shape[0], rank_total, device=x.device, dtype=torch.float32)  # [T, slices * R]
+    block_r = min(64, max(16, triton.next_power_of_2(rank_total)))
+    _sgmv_shrink_kernel[(num_blocks, triton.cdiv(rank_total, block_r))](
+        x, lora_a_cat, shrunk, block_table,
+        x.shape[1], rank_total,
+        x.stride(0), lora_a_cat.stride(0), lora_a_cat.stride(1), shrunk.stride(0),
+        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64, num_warps=4,
+    )
+    block_n = _column_block(slice_width)
+    _sgmv_expand_kernel[(num_blocks, out_features // block_n)](
+        shrunk, lora_b_cat, output, block_table,
+        out_features, rank, slice_width,
+        shrunk.stride(0), lora_b_cat.stride(0), lora_b_cat.stride(1), output.stride(0),
+        BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4,
+    )
