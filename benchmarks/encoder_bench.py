@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
 
+from loraembed.attention import select_attention_backend  # noqa: E402
 from loraembed.config import ServingConfig  # noqa: E402
 from loraembed.engine import EmbeddingEngine, EncoderRequest  # noqa: E402
 from loraembed.packing import SequenceRef, build_packed_batch, plan_batches  # noqa: E402
@@ -83,6 +84,45 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     return path
 
 
+ALL_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+# mode -> (number of distinct adapters, their ranks cycled); "merged" merges one rank-16 adapter.
+ADAPTER_MODES = {
+    "base": (0, ()),
+    "1 adapter": (1, (16,)),
+    "8 adapters": (8, (16,)),
+    "64 adapters": (64, (16,)),
+    "ranks 8/16/64": (24, (8, 16, 64)),
+    "merged": (1, (16,)),
+}
+
+
+def write_random_adapter(folder: Path, config, rank: int, seed: int) -> None:
+    """A PEFT-format rank-`rank` LoRA on all six targets of every layer, with random A and B."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        "attention.self.query": (config.hidden_size, config.hidden_size),
+        "attention.self.key": (config.hidden_size, config.hidden_size),
+        "attention.self.value": (config.hidden_size, config.hidden_size),
+        "attention.output.dense": (config.hidden_size, config.hidden_size),
+        "intermediate.dense": (config.hidden_size, config.intermediate_size),
+        "output.dense": (config.intermediate_size, config.hidden_size),
+    }
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.encoder.layer.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) / fan_in**0.5).to(torch.bfloat16)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * 0.01).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(ALL_TARGETS),
+        "bias": "none", "use_dora": False, "use_rslora": False, "modules_to_save": None,
+    }))
+
+
 def encoder_flops(config, lengths: list[int]) -> float:
     """Matmul FLOPs of one pass: 2*T*(4H^2 + 2HI) per layer for the linears + 4*H*sum(L^2) attention."""
     tokens = sum(lengths)
@@ -92,15 +132,37 @@ def encoder_flops(config, lengths: list[int]) -> float:
     return layers * (linear + attention)
 
 
+DEVICE = torch.device("cuda")  # --device cpu: a smoke run of this program on a machine without a GPU
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else float("nan")
+
+
+def empty_cache() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def timed(fn, repeats: int) -> float:
     """Median seconds of `fn` over `repeats` runs, after one warm-up run."""
     fn()
-    torch.cuda.synchronize()
+    synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -121,15 +183,15 @@ def measure_engine(
             engine.adapters.activate(batch)
             pool(engine.model(batch), batch, engine.settings.pooling)
 
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     forward_seconds = timed(forward_only, repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = peak_memory_gib()
     if profile_file is not None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
             forward_only()
-            torch.cuda.synchronize()
+            synchronize()
         profile_file.write_text(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     engine.adapters.release()
 
@@ -150,7 +212,8 @@ def measure_engine(
 def measure_transformers(path: Path, sequences: list[np.ndarray], batch_size: int, sort: bool, pad_id: int, repeats: int) -> dict:
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path, dtype=torch.float16, attn_implementation="sdpa").cuda().eval()
+    half = torch.float16 if DEVICE.type == "cuda" else torch.float32
+    model = AutoModel.from_pretrained(path, dtype=half, attn_implementation="sdpa").to(DEVICE).eval()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i])) if sort else list(range(len(sequences)))
     padded = []
     for start in range(0, len(order), batch_size):
@@ -160,7 +223,7 @@ def measure_transformers(path: Path, sequences: list[np.ndarray], batch_size: in
         for row, tokens in enumerate(chunk):
             ids[row, : len(tokens)] = torch.from_numpy(tokens)
             mask[row, : len(tokens)] = 1
-        padded.append((ids.cuda(), mask.cuda()))
+        padded.append((ids.to(DEVICE), mask.to(DEVICE)))
 
     @torch.inference_mode()
     def run():
@@ -169,12 +232,32 @@ def measure_transformers(path: Path, sequences: list[np.ndarray], batch_size: in
             weights = mask[..., None].to(hidden.dtype)
             (hidden * weights).sum(1) / weights.sum(1)
 
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     seconds = timed(run, repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = peak_memory_gib()
     del model
-    torch.cuda.empty_cache()
+    empty_cache()
     return dict(forward_s=seconds, peak_gib=peak)
+
+
+def make_engine(path: Path, attention: str, max_batch_tokens: int, **parameters: str) -> EmbeddingEngine:
+    return EmbeddingEngine(
+        ServingConfig.from_parameters(
+            {"model": str(path), "dtype": "bfloat16" if DEVICE.type == "cuda" else "float32", "attention": attention, "max_batch_tokens": str(max_batch_tokens),
+             **parameters},
+            environ={},
+        ),
+        DEVICE,
+    )
+
+
+def adapter_engine(path: Path, mode: str, attention: str, max_batch_tokens: int, adapter_root: Path) -> tuple[EmbeddingEngine, list[str]]:
+    """An engine for an adapter mode and the adapter ids its requests draw from."""
+    count, ranks = ADAPTER_MODES[mode]
+    names = [f"r{ranks[i % len(ranks)]}-{i}" for i in range(count)]
+    if mode == "merged":
+        return make_engine(path, attention, max_batch_tokens, merge_adapter=names[0], adapter_root=str(adapter_root)), [""]
+    return make_engine(path, attention, max_batch_tokens, adapter_root=str(adapter_root), max_adapters="64"), names
 
 
 def main() -> None:
@@ -182,64 +265,106 @@ def main() -> None:
     parser.add_argument("--models", default="xlmr-base,xlmr-large,minilm")
     parser.add_argument("--workloads", default="queries,passages,long")
     parser.add_argument("--attention", default="flash_attn,torch_varlen")
+    parser.add_argument("--modes", default=",".join(ADAPTER_MODES), help="adapter modes, run on --adapter-models")
+    parser.add_argument("--adapter-models", default="xlmr-base")
+    parser.add_argument("--adapter-workloads", default="queries,passages")
     parser.add_argument("--tokens", type=int, default=400_000, help="tokens per workload")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baselines", default="arrival64,sorted256")
     parser.add_argument("--out", default=str(Path(__file__).parent))
     parser.add_argument("--profile", action="store_true", help="write a kernel profile of each forward measurement to --out")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
-    card = torch.cuda.get_device_name()
+    card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (smoke run)"
     date = datetime.date.today().isoformat()
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict] = []
+    latencies: list[dict] = []
     workdir = Path(tempfile.mkdtemp(prefix="encoder-bench-"))
+    attentions = []
+    for attention in args.attention.split(","):
+        try:
+            select_attention_backend(attention, DEVICE, dtype)
+            attentions.append(attention)
+        except Exception as error:  # e.g. flash-attn not installed
+            print(f"skip attention={attention}: {error}", file=sys.stderr)
+    modes = [mode for mode in args.modes.split(",") if mode and mode != "base"]
+
+    def add_row(model_name, workload, mode, system, lengths, seconds, flops, peak):
+        rows.append(dict(model=model_name, workload=workload, mode=mode, system=system,
+                         tokens_per_s=sum(lengths) / seconds, seqs_per_s=len(lengths) / seconds,
+                         bound_share=flops / seconds / MATMUL_BOUND_FLOPS, peak_gib=peak))
+
     for model_name in args.models.split(","):
         path = build_checkpoint(model_name, workdir)
+        adapter_root = None
         for workload in args.workloads.split(","):
             lengths = draw_lengths(workload, args.tokens, rng)
             if model_name == "minilm":
                 lengths = [min(n, 256) for n in lengths]
-            tokens = sum(lengths)
-            for attention in args.attention.split(","):
-                try:
-                    engine = EmbeddingEngine(
-                        ServingConfig.from_parameters(
-                            {"model": str(path), "dtype": "bfloat16", "attention": attention,
-                             "max_batch_tokens": str(args.max_batch_tokens)}, environ={}),
-                        "cuda",
-                    )
-                except Exception as error:  # e.g. flash-attn not installed
-                    print(f"skip {model_name}/{attention}: {error}", file=sys.stderr)
-                    continue
+            for attention in attentions:
+                engine = make_engine(path, attention, args.max_batch_tokens)
                 config = engine.settings.encoder_config
-                sequences = random_sequences(lengths, config.vocab_size, rng, 0 if config.position_offset else 101, 2 if config.position_offset else 102)
+                bos, eos = (0, 2) if config.position_offset else (101, 102)
+                sequences = random_sequences(lengths, config.vocab_size, rng, bos, eos)
                 flops = encoder_flops(config, lengths)
                 profile_file = Path(args.out) / f"profile-{model_name}-{workload}-{attention}.txt" if args.profile else None
                 result = measure_engine(engine, sequences, [""] * len(sequences), args.repeats, profile_file)
                 for kind in ("forward", "engine"):
-                    seconds = result[f"{kind}_s"]
-                    rows.append(dict(model=model_name, workload=workload, mode="base", system=f"loraembed {kind} ({attention})",
-                                     tokens_per_s=tokens / seconds, seqs_per_s=len(lengths) / seconds,
-                                     bound_share=flops / seconds / MATMUL_BOUND_FLOPS, peak_gib=result["peak_gib"]))
+                    add_row(model_name, workload, "base", f"loraembed {kind} ({attention})", lengths,
+                            result[f"{kind}_s"], flops, result["peak_gib"])
+                if workload == "queries":
+                    latencies.append(dict(model=model_name, attention=attention, **measure_latency(engine, bos, eos)))
                 del engine
-                torch.cuda.empty_cache()
+                empty_cache()
+            if model_name in args.adapter_models.split(",") and workload in args.adapter_workloads.split(",") and modes:
+                if adapter_root is None:
+                    adapter_root = workdir / f"adapters-{model_name}"
+                    names = {f"r{ranks[i % len(ranks)]}-{i}" for mode in modes for i in range(ADAPTER_MODES[mode][0])
+                             for ranks in [ADAPTER_MODES[mode][1]]}
+                    for seed, name in enumerate(sorted(names)):
+                        write_random_adapter(adapter_root / name, config, int(name.split("-")[0][1:]), seed)
+                for mode in modes:
+                    engine, names = adapter_engine(path, mode, attentions[0], args.max_batch_tokens, adapter_root)
+                    adapter_ids = [names[i] for i in rng.integers(0, len(names), len(sequences))]
+                    result = measure_engine(engine, sequences, adapter_ids, args.repeats)
+                    for kind in ("forward", "engine"):
+                        add_row(model_name, workload, mode, f"loraembed {kind} ({attentions[0]})", lengths,
+                                result[f"{kind}_s"], flops, result["peak_gib"])
+                    del engine
+                    empty_cache()
             for baseline in args.baselines.split(","):
                 if not baseline:
                     continue
                 batch_size, sort = (64, False) if baseline == "arrival64" else (256, True)
-                sequences = random_sequences(lengths, 30000, rng, 0, 2)
                 result = measure_transformers(path, sequences, batch_size, sort, 1 if model_name != "minilm" else 0, args.repeats)
-                seconds = result["forward_s"]
-                rows.append(dict(model=model_name, workload=workload, mode="base", system=f"transformers fp16 {baseline}",
-                                 tokens_per_s=tokens / seconds, seqs_per_s=len(lengths) / seconds,
-                                 bound_share=encoder_flops(config, lengths) / seconds / MATMUL_BOUND_FLOPS,
-                                 peak_gib=result["peak_gib"]))
-            report(rows, card, date, Path(args.out))  # after every workload: a crash keeps what was measured
+                add_row(model_name, workload, "base", f"transformers fp16 {baseline}", lengths, result["forward_s"],
+                        flops, result["peak_gib"])
+            report(rows, latencies, card, date, Path(args.out))  # after every workload: a crash keeps what was measured
 
 
-def report(rows: list[dict], card: str, date: str, out: Path) -> None:
+def measure_latency(engine: EmbeddingEngine, bos: int, eos: int) -> dict:
+    """One 16-token query: median milliseconds of the forward pass and of the whole `embed` call."""
+    tokens = np.array([[bos, *range(1000, 1014), eos]], dtype=np.int64)
+    request = EncoderRequest(tokens, np.ones_like(tokens))
+    refs = [SequenceRef(0, 0, tokens[0], 0)]
+    batch = build_packed_batch(refs, engine.settings.encoder_config.position_offset, engine.device)
+
+    @torch.inference_mode()
+    def forward():
+        pool(engine.model(batch), batch, engine.settings.pooling)
+
+    forward_ms = [timed(forward, 1) * 1e3 for _ in range(50)]
+    embed_ms = [timed(lambda: engine.embed([request]), 1) * 1e3 for _ in range(50)]
+    return dict(forward_ms=float(np.median(forward_ms)), embed_ms=float(np.median(embed_ms)))
+
+
+def report(rows: list[dict], latencies: list[dict], card: str, date: str, out: Path) -> None:
     header = f"card: {card}   date: {date}   torch {torch.__version__}"
     lines = [header, "", "| model | workload | mode | system | tokens/s | seqs/s | matmul bound | peak GiB |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -247,11 +372,13 @@ def report(rows: list[dict], card: str, date: str, out: Path) -> None:
             f"| {row['model']} | {row['workload']} | {row['mode']} | {row['system']} | {row['tokens_per_s'] / 1e6:.2f}M | "
             f"{row['seqs_per_s']:,.0f} | {row['bound_share']:.0%} | {row['peak_gib']:.2f} |"
         )
+    lines += ["", "One 16-token query (median of 50):", "", "| model | attention | forward ms | embed() ms |", "|---|---|---|---|"]
+    lines += [f"| {l['model']} | {l['attention']} | {l['forward_ms']:.2f} | {l['embed_ms']:.2f} |" for l in latencies]
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS-encoder.md").write_text("# Encoder benchmark (benchmarks/encoder_bench.py)\n\n" + text + "\n")
-    (out / "encoder_bench.json").write_text(json.dumps(dict(card=card, date=date, rows=rows), indent=1))
+    (out / "encoder_bench.json").write_text(json.dumps(dict(card=card, date=date, rows=rows, latencies=latencies), indent=1))
     try:
         plot(rows, card, date, out / "encoder_bench.png")
     except ImportError:
@@ -259,22 +386,41 @@ def report(rows: list[dict], card: str, date: str, out: Path) -> None:
 
 
 def plot(rows: list[dict], card: str, date: str, file: Path) -> None:
+    """Left: base-model throughput per workload against the baselines. Right: throughput against
+    the number of distinct adapters in the batch (forward pass, rank 16, all six targets)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["model"], r["workload"]) for r in rows if r["mode"] == "base"})
-    systems = sorted({r["system"] for r in rows if r["mode"] == "base"})
-    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 1.4), 4.5))
+    base = [r for r in rows if r["mode"] == "base" and "engine" not in r["system"]]
+    groups = sorted({(r["model"], r["workload"]) for r in base})
+    systems = sorted({r["system"] for r in base})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, len(groups) * 1.4 + 5), 4.8), width_ratios=[3, 1.3])
     width = 0.8 / max(len(systems), 1)
     for index, system in enumerate(systems):
-        values = [next((r["tokens_per_s"] / 1e6 for r in rows if (r["model"], r["workload"]) == g and r["system"] == system and r["mode"] == "base"), 0) for g in groups]
-        ax.bar([i + index * width for i in range(len(groups))], values, width, label=system)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{m}\n{w}" for m, w in groups])
-    ax.set_ylabel("million tokens/s")
-    ax.set_title(f"Encoder throughput, base model ({card}, {date})")
-    ax.legend(fontsize=7)
+        values = [next((r["tokens_per_s"] / 1e6 for r in base if (r["model"], r["workload"]) == g and r["system"] == system), 0)
+                  for g in groups]
+        left.bar([i + index * width for i in range(len(groups))], values, width, label=system)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [f"{m}\n{w}" for m, w in groups])
+    left.set_ylabel("million tokens/s")
+    left.set_title("base model, bf16 (ours) vs transformers fp16")
+    left.legend(fontsize=7)
+    counts = {"base": 0, "1 adapter": 1, "8 adapters": 8, "64 adapters": 64}
+    for model, workload in sorted({(r["model"], r["workload"]) for r in rows if r["mode"] != "base"}):
+        points = sorted(
+            (counts[r["mode"]], r["tokens_per_s"] / 1e6) for r in rows
+            if (r["model"], r["workload"]) == (model, workload) and r["mode"] in counts
+            and r["system"].startswith("loraembed forward") and ("flash" in r["system"] or "varlen" in r["system"])
+        )
+        points = list(dict(points).items())
+        right.plot([str(c) for c, _ in points], [v for _, v in points], marker="o", label=f"{model} {workload}")
+    right.set_xlabel("distinct adapters in the batch")
+    right.set_ylabel("million tokens/s")
+    right.set_ylim(bottom=0)
+    right.set_title("mixed adapters")
+    right.legend(fontsize=7)
+    fig.suptitle(f"loraembed encoder benchmark — {card}, {date}")
     fig.tight_layout()
     fig.savefig(file, dpi=110)
 
