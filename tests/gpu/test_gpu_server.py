@@ -21,9 +21,9 @@ REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 @pytest.fixture(scope="module")
 def gpu_server(xlmr_base_folder, tmp_path_factory):
-    backends = os.environ.get("TRITON_BACKENDS")
-    if not backends:
-        pytest.skip("TRITON_BACKENDS is not set: source scripts/gpu_host_env.sh with the server bundle")
+    backends = os.environ.get("TRITON_BACKENDS", "")
+    if not (Path(backends).parent / "bin" / "tritonserver").is_file():
+        pytest.skip("no tritonserver: source scripts/gpu_host_env.sh with the server bundle (.gpuhost)")
     server = TritonServer(
         REPOSITORY,
         env={"LORAEMBED_MODEL": str(xlmr_base_folder), "LORAEMBED_POOLING": "mean"},
