@@ -149,7 +149,7 @@ class EmbeddingEngine:
             raise InvalidInputError(
                 f"{rows} texts in one request, more than max_texts_per_request={self.serving.max_texts_per_request}"
             )
-        if not np.isin(mask, (0, 1)).all():
+        if mask.min() < 0 or mask.max() > 1:
             raise InvalidInputError("ATTENTION_MASK values must be 0 or 1")
         lengths = mask.sum(axis=1)
         for row in np.flatnonzero(lengths == 0):
@@ -172,7 +172,8 @@ class EmbeddingEngine:
             adapter_ids = adapter_ids * rows
         if len(adapter_ids) != rows:
             raise InvalidInputError(f"{len(adapter_ids)} adapter ids for {rows} texts (send one per text, or one)")
-        sequences = [ids[row, : lengths[row]].astype(np.int64) for row in range(rows)]
+        ids = ids.astype(np.int64, copy=False)
+        sequences = [ids[row, :length] for row, length in enumerate(lengths.tolist())]
         return _ValidRequest(sequences, adapter_ids, options)
 
     def embed(self, requests: Sequence[EncoderRequest]) -> list[np.ndarray | RequestError]:
@@ -246,10 +247,14 @@ class EmbeddingEngine:
                 SequenceRef(index, len(sequences) + row, tokens, slots[request.adapter_ids[row]])  # type: ignore[arg-type]
                 for row, tokens in enumerate(request.sequences)
             ]
-        pooled = torch.empty(len(sequences), self.hidden_size)  # [N, H], all rows in request order
+        # Rows stay on the device until the last batch is queued: no host sync between forward
+        # passes, so packing the next batch overlaps the device running the previous one.
+        pooled = torch.empty(len(sequences), self.hidden_size, device=self.device)  # [N, H], request order
         for planned in plan_batches(sequences, self.serving.max_batch_tokens):
             batch = build_packed_batch(planned, self.settings.encoder_config.position_offset, self.device)
             self.adapters.activate(batch)
             rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
-            pooled[torch.tensor([sequence.output_row for sequence in planned])] = rows.cpu()
+            output_rows = torch.tensor([sequence.output_row for sequence in planned])
+            pooled.index_copy_(0, output_rows.to(self.device, non_blocking=True), rows)
+        pooled = pooled.cpu()
         return {index: pooled[start : start + len(valid[index].sequences)] for index, start in first_row.items()}
