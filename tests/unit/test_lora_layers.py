@@ -13,12 +13,7 @@ from safetensors.torch import load_file
 
 from loraembed.errors import AdapterError
 from loraembed.lora.layers import lora_module_shapes
-from loraembed.lora.peft_format import (
-    check_target_module_exists,
-    get_pattern_key,
-    parse_peft_adapter,
-    read_peft_adapter,
-)
+from loraembed.lora.peft_format import is_targeted, parse_peft_adapter, pattern_value, read_peft_adapter
 from loraembed.lora.segmented import apply_segmented_lora
 from loraembed.packing import AdapterSegment
 from tests.support.peft_adapters import make_peft_model
@@ -29,7 +24,7 @@ MODULE_NAMES = [
     for index in (0, 1, 11)
     for module in ("attention.self.query", "attention.self.value", "attention.output.dense", "intermediate.dense",
                    "output.dense")
-] + ["pooler.dense", "embeddings.word_embeddings", "lm_head.dense"]
+] + ["pooler.dense", "embeddings.word_embeddings", "lm_head.dense", "layer.2.output.dense", "a..4.query", "h.3"]
 TARGET_CONFIGS = [
     {"target_modules": ["output.dense"]},
     {"target_modules": ["query", "encoder.layer.0.output.dense"]},
@@ -39,6 +34,11 @@ TARGET_CONFIGS = [
     {"target_modules": ["query", "dense"], "layers_to_transform": [1, 11], "layers_pattern": "layer"},
     {"target_modules": ["query", "output.dense"], "layers_to_transform": 0},
     {"target_modules": ["value"], "layers_to_transform": [1], "layers_pattern": ["blocks", "layer"]},
+    {"target_modules": ["dense", "query"], "layers_to_transform": [0, 2, 4], "layers_pattern": []},
+    {"target_modules": ["output.dense"], "layers_to_transform": [11], "layers_pattern": r"lay.r"},
+    {"target_modules": ["query"], "layers_to_transform": []},
+    {"target_modules": ["encoder.layer.1.attention.self.query", "value"], "layers_to_transform": [0]},
+    {"target_modules": ["dense"], "exclude_modules": r".*\.output\.dense"},
 ]
 
 
@@ -49,19 +49,24 @@ def test_target_matching_equals_peft(config):
 
     peft_config = LoraConfig(**config)
     for name in MODULE_NAMES:
-        assert check_target_module_exists(config, name) == bool(peft_check(peft_config, name)), name
+        assert is_targeted(config, name) == bool(peft_check(peft_config, name)), name
 
 
 @pytest.mark.parametrize("patterns", [
     ["value", "layer.1.intermediate.dense"],
     ["output.dense", "query"],
     [r"encoder\.layer\.(0|11)\.attention\.self\.query", "dense"],
+    [r"self\.(query|key)", "layer.1..*", "ense"],
+    ["^encoder.layer.0.*", "roberta.encoder.layer.11.output.dense"],
 ])
-def test_pattern_keys_equal_peft(patterns):
+def test_pattern_values_equal_peft(patterns):
+    """rank_pattern/alpha_pattern lookups equal PEFT's `rank_pattern.get(get_pattern_key(...), r)`."""
     from peft.utils.other import get_pattern_key as peft_get_pattern_key
 
+    values = {pattern: index + 100 for index, pattern in enumerate(patterns)}
     for name in MODULE_NAMES:
-        assert get_pattern_key(patterns, name) == peft_get_pattern_key(patterns, name), name
+        expected = values.get(peft_get_pattern_key(values.keys(), name), 8)
+        assert pattern_value(values, name, 8) == expected, name
 
 
 ADAPTER_CONFIGS = {

@@ -6,7 +6,7 @@ with `torch.load(weights_only=True)`). Weight keys are
 `...lora_B...weight` ([out_features, r]); the delta of a module is `scaling * B @ A` with
 `scaling = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora` (PEFT `tuners/lora/layer.py`).
 Which modules an adapter targets, and their `r` and `lora_alpha`, follow PEFT 0.21's matching
-rules, copied below (`check_target_module_exists`, `get_pattern_key`).
+rules (`is_targeted`, `pattern_value`), which tests check against PEFT's own functions.
 
 Every problem of an adapter is collected and raised as one `AdapterError` (vLLM's `PEFTHelper`).
 """
@@ -117,57 +117,89 @@ def _shape(tensor: torch.Tensor) -> str:
     return f"[{', '.join(str(size) for size in tensor.shape)}]"
 
 
-# --- PEFT 0.21 matching rules (peft/tuners/tuners_utils.py, peft/utils/other.py) ---------------
+# --- which modules an adapter targets, and their r / lora_alpha (PEFT's rules) ------------------
+# Facts about PEFT 0.21 (`tuners_utils.check_target_module_exists`, `utils.other.get_pattern_key`),
+# restated here; tests/unit/test_lora_layers.py checks these functions against PEFT's own.
 
 
-def get_pattern_key(pattern_keys, key_to_match: str) -> str:
-    """PEFT `get_pattern_key`: the first `rank_pattern`/`alpha_pattern` key that matches the end
-    of the module name at a '.' boundary (a regex), else the module name itself."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
+def _names_module(name: str, module_name: str) -> bool:
+    """A list entry names a module when it is the whole dotted name or its tail after a '.'."""
+    return module_name == name or module_name.endswith("." + name)
 
 
-def check_target_module_exists(config: Mapping[str, Any], key: str) -> bool:
-    """PEFT `check_target_module_exists` for LoRA: is module `key` (full name) targeted by `config`?
+def _dot_boundaries(module_name: str) -> list[int]:
+    """Offsets where a dotted name component starts: 0 and just after every '.'."""
+    return [0] + [offset + 1 for offset, char in enumerate(module_name) if char == "."]
 
-    `target_modules` as a string is a regex that must match the whole name; as a list, an entry
-    matches the name itself or its end after a '.'; `layers_to_transform`/`layers_pattern` then
-    keep only the listed layer indices (list form only, as in PEFT); `exclude_modules` wins.
+
+def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The index of the layer holding a module, the number after the layer-list name
+    (`encoder.layer.3.output.dense` -> 3); the first such number counts; None if there is none.
+
+    Without `layers_pattern`, the layer-list name is any component after the first; with it, a
+    regex (or the first of several regexes that matches) starting at a component boundary.
+    """
+    if not layers_pattern:
+        parts = module_name.split(".")
+        # The number must follow a name that is not the first component and be followed by more.
+        for position in range(2, len(parts) - 1):
+            if parts[position].isdecimal():
+                return int(parts[position])
+        return None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        # Grouped, so a '|' inside the regex separates layer-list names (PEFT splices the regex in
+        # ungrouped; a top-level '|' there is a quirk, not a contract: lists of names are the way).
+        after_pattern = re.compile(rf"(?:{pattern})\.(\d+)\.")
+        for start in _dot_boundaries(module_name):
+            found = after_pattern.match(module_name, start)
+            if found:
+                return int(found.group(1))
+    return None
+
+
+def is_targeted(config: Mapping[str, Any], module_name: str) -> bool:
+    """Does a LoRA config (`adapter_config.json`) put LoRA on module `module_name` (full dotted name)?
+
+    - `exclude_modules` wins: a regex that matches the whole name, or a list of names (whole or tail).
+    - `target_modules` as a string is a regex that must match the whole name; as a list, an entry is
+      the whole name or its tail after a '.'.
+    - `layers_to_transform` (an int or a non-empty list) keeps only modules in those layers; it applies
+      to tail matches of a list only (a string regex, or an entry that is the whole name, ignores it).
     """
     exclude = config.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            if re.fullmatch(exclude, key):
+            if re.fullmatch(exclude, module_name):
                 return False
-        elif key in exclude or any(key.endswith(f".{excluded}") for excluded in exclude):
+        elif any(_names_module(name, module_name) for name in exclude):
             return False
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if key in targets:
+        return re.fullmatch(targets, module_name) is not None
+    if module_name in targets:
         return True
-    found = any(key.endswith(f".{target}") for target in targets)
-    layer_indexes = config.get("layers_to_transform")
-    using_layer_indexes = layer_indexes is not None and (
-        len(layer_indexes) != 0 if isinstance(layer_indexes, list) else True
-    )
-    if not (using_layer_indexes and found):
-        return found
-    layers_pattern = config.get("layers_pattern")
-    match = None
-    if layers_pattern is None or len(layers_pattern) == 0:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    if match is None:
+    if not any(_names_module(name, module_name) for name in targets):
         return False
-    layer_index = int(match.group("idx"))
-    return layer_index == layer_indexes if isinstance(layer_indexes, int) else layer_index in layer_indexes
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(module_name, config.get("layers_pattern"))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """The value of `rank_pattern` / `alpha_pattern` for a module, else `default`.
+
+    A pattern key is a regex that must match a tail of the name starting at a component boundary
+    (`value` matches `encoder.layer.0.attention.self.value`); the first key in order that matches wins.
+    """
+    for key, value in patterns.items():
+        compiled = re.compile(key)
+        if any(compiled.fullmatch(module_name, start) for start in _dot_boundaries(module_name)):
+            return value
+    return patterns.get(module_name, default)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -309,7 +341,7 @@ def _target_problems(config: Mapping[str, Any], candidates: list[str], prefix: s
         # PEFT expands "all-linear" to the last name component of every Linear but the output layer.
         targets = ["query", "key", "value", "dense"]
     matching_config = {**config, "target_modules": targets}
-    targeted = [name for name in candidates if check_target_module_exists(matching_config, name)]
+    targeted = [name for name in candidates if is_targeted(matching_config, name)]
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, name) for name in candidates):
             problems.append(
@@ -410,9 +442,7 @@ def parse_peft_adapter(
         in_features, out_features = module_shapes[base_name]
         rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
         if config_usable:
-            rank = (config.get("rank_pattern") or {}).get(
-                get_pattern_key((config.get("rank_pattern") or {}).keys(), full_name), config.get("r", 8)
-            )
+            rank = pattern_value(config.get("rank_pattern") or {}, full_name, config.get("r", 8))
         expected_a, expected_b = (rank, in_features), (out_features, rank)
         if tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
             wrong_shape.append(
@@ -430,7 +460,7 @@ def parse_peft_adapter(
         if not config_usable:
             continue
         alpha_pattern = config.get("alpha_pattern") or {}
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), full_name), config.get("lora_alpha", 8))
+        alpha = pattern_value(alpha_pattern, full_name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[base_name] = LoraModuleWeights(base_name, lora_a.contiguous(), lora_b.contiguous(), float(scaling))
 
