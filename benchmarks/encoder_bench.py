@@ -332,7 +332,10 @@ def main() -> None:
                 for mode in modes:
                     engine, names = adapter_engine(path, mode, attentions[0], args.max_batch_tokens, adapter_root)
                     adapter_ids = [names[i] for i in rng.integers(0, len(names), len(sequences))]
-                    result = measure_engine(engine, sequences, adapter_ids, args.repeats)
+                    profile_file = None
+                    if args.profile and mode == "64 adapters":
+                        profile_file = Path(args.out) / f"profile-{model_name}-{workload}-64-adapters.txt"
+                    result = measure_engine(engine, sequences, adapter_ids, args.repeats, profile_file)
                     for kind in ("forward", "engine"):
                         add_row(model_name, workload, mode, f"loraembed {kind} ({attentions[0]})", lengths,
                                 result[f"{kind}_s"], flops, result["peak_gib"])
