@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import short_batch_mask, varlen_attention
+from .attention import varlen_attention
 from .checkpoint import normalize_checkpoint_keys, read_state_dict
 from .config import EncoderConfig
 from .errors import CheckpointError
@@ -94,15 +94,11 @@ class Layer(nn.Module):
         self.head_dim = config.head_dim
         self.activation = ACTIVATIONS[config.hidden_act]
 
-    def forward(
-        self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str, local_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str) -> torch.Tensor:
         total_tokens, hidden_size = hidden.shape  # [T, H]
         qkv = self.attention.self.qkv(hidden).view(total_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # each [T, heads, head_dim]
-        context = varlen_attention(
-            query, key, value, batch.cu_seqlens, batch.max_seqlen, attention_backend, local_mask
-        )  # [T, heads, head_dim]
+        context = varlen_attention(query, key, value, batch.cu_seqlens, batch.max_seqlen, attention_backend)
         attended = self.attention.output.dense(context.reshape(total_tokens, hidden_size))  # [T, H]
         hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm)
         intermediate = self.activation(self.intermediate.dense(hidden))  # [T, I]
@@ -129,9 +125,8 @@ class PackedEncoder(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         hidden = self.embeddings(batch.input_ids, batch.position_ids)  # [T, H]
-        local_mask = short_batch_mask(batch.token_sequence_index, batch.max_seqlen, self.attention_backend)
         for layer in self.encoder.layer:
-            hidden = layer(hidden, batch, self.attention_backend, local_mask)
+            hidden = layer(hidden, batch, self.attention_backend)
         return hidden
 
     def checkpoint_shapes(self) -> dict[str, torch.Size]:
