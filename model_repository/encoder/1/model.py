@@ -1,5 +1,6 @@
 """Triton Python model `encoder`: INPUT_IDS, ATTENTION_MASK (+ optional ADAPTER_ID) -> EMBEDDING.
-Thin: validation, packing, LoRA and the forward pass are loraembed.engine.EmbeddingEngine."""
+Thin: validation, packing, LoRA and the forward pass are loraembed.engine.EmbeddingEngine; the
+adapter metrics it publishes are loraembed.lora.metrics."""
 
 import json
 
@@ -9,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from loraembed.config import ServingConfig
 from loraembed.engine import EmbeddingEngine, EncoderRequest
 from loraembed.errors import InvalidInputError, RequestError
+from loraembed.lora.metrics import COUNTER, AdapterMetricsPublisher
 from loraembed.triton_params import decode_strings, instance_device, parameters_from_model_config, request_parameters
 
 assert np.__version__.startswith("1."), f"Triton 2.51's Python stub needs numpy<2, found {np.__version__}"
@@ -17,6 +19,11 @@ assert np.__version__.startswith("1."), f"Triton 2.51's Python stub needs numpy<
 def _error_response(message: str, code_name: str):
     code = getattr(pb_utils.TritonError, code_name)
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def _metric_family(name: str, description: str, kind: str):
+    kind = pb_utils.MetricFamily.COUNTER if kind == COUNTER else pb_utils.MetricFamily.GAUGE
+    return pb_utils.MetricFamily(name=name, description=description, kind=kind)
 
 
 def _read_request(request) -> EncoderRequest:
@@ -39,6 +46,9 @@ class TritonPythonModel:
         serving = ServingConfig.from_parameters(parameters_from_model_config(model_config))
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
         self.engine = EmbeddingEngine(serving, device)
+        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
+        self.metrics = AdapterMetricsPublisher(_metric_family, labels)
+        self.metrics.publish(self.engine.adapters.snapshot())  # adapter_preload's loads, the gauges
         pb_utils.Logger.log_info(f"loraembed encoder ready: {self.engine.describe()}")
 
     def execute(self, requests):
@@ -61,4 +71,11 @@ class TritonPythonModel:
                 responses[index] = _error_response(str(result), "INTERNAL")
             else:
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", result)])
+        try:
+            self.metrics.publish(self.engine.adapters.snapshot())
+        except Exception as error:  # metrics must never fail requests that were served
+            pb_utils.Logger.log_error(f"loraembed encoder: publishing metrics failed: {error}")
         return responses
+
+    def finalize(self):
+        self.metrics.close()

@@ -1,0 +1,143 @@
+"""Adapter counters published as metrics: differences between snapshots become counter increments
+and gauge values, on families made the way `model.py` makes them (a fake `pb_utils.MetricFamily`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loraembed.engine import EncoderRequest
+from loraembed.lora.metrics import (
+    COUNTER,
+    GAUGE,
+    METRIC_DEFINITIONS,
+    AdapterMetrics,
+    AdapterMetricsPublisher,
+    AdapterUsage,
+    MetricUpdate,
+    metric_updates,
+)
+
+
+class FakeMetric:
+    def __init__(self, kind: str, labels: dict):
+        self.kind, self.labels, self.value, self.calls = kind, labels, 0.0, 0
+
+    def increment(self, value: float) -> None:
+        assert self.kind == COUNTER and value > 0, "Triton counters only go up"
+        self.value += value
+        self.calls += 1
+
+    def set(self, value: float) -> None:
+        assert self.kind == GAUGE, "only gauges are set"
+        self.value = value
+        self.calls += 1
+
+
+class FakeFamily:
+    def __init__(self, name: str, description: str, kind: str):
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: list[FakeMetric] = []
+
+    def Metric(self, labels: dict) -> FakeMetric:  # noqa: N802 - pb_utils' spelling
+        assert all(isinstance(value, str) for value in labels.values())
+        self.metrics.append(FakeMetric(self.kind, labels))
+        return self.metrics[-1]
+
+
+def _snapshot(usage=None, **fields) -> AdapterMetrics:
+    return AdapterMetrics(usage={name: AdapterUsage(*counts) for name, counts in (usage or {}).items()}, **fields)
+
+
+def test_names_follow_prometheus_conventions():
+    names = [definition.name for definition in METRIC_DEFINITIONS]
+    assert len(set(names)) == len(names)
+    for definition in METRIC_DEFINITIONS:
+        assert definition.name.startswith("loraembed_")
+        assert definition.name.endswith("_total") == (definition.kind == COUNTER), definition.name
+
+
+def test_first_publication_sends_totals_and_every_gauge():
+    current = _snapshot({"": (1, 3, 30), "tenant": (2, 2, 12)}, loads=1, load_seconds=0.25, resident=1, capacity=4,
+                        forward_passes=2, forward_tokens=42)
+    assert set(metric_updates(None, current)) == {
+        MetricUpdate("loraembed_adapter_requests_total", "base", 1),
+        MetricUpdate("loraembed_adapter_requests_total", "tenant", 2),
+        MetricUpdate("loraembed_adapter_texts_total", "base", 3),
+        MetricUpdate("loraembed_adapter_texts_total", "tenant", 2),
+        MetricUpdate("loraembed_adapter_tokens_total", "base", 30),
+        MetricUpdate("loraembed_adapter_tokens_total", "tenant", 12),
+        MetricUpdate("loraembed_adapter_loads_total", None, 1),
+        MetricUpdate("loraembed_adapter_load_seconds_total", None, 0.25),
+        MetricUpdate("loraembed_adapters_resident", None, 1),
+        MetricUpdate("loraembed_adapter_slots", None, 4),
+        MetricUpdate("loraembed_forward_passes_total", None, 2),
+        MetricUpdate("loraembed_forward_tokens_total", None, 42),
+    }
+
+
+def test_later_publications_send_only_differences():
+    before = _snapshot({"": (1, 3, 30), "a": (1, 1, 5)}, loads=1, evictions=0, resident=2, capacity=2)
+    after = _snapshot({"": (1, 3, 30), "a": (2, 4, 25), "b": (1, 1, 7)}, loads=2, evictions=1, resident=2, capacity=2,
+                      load_failures=1)
+    assert set(metric_updates(before, after)) == {
+        MetricUpdate("loraembed_adapter_requests_total", "a", 1),
+        MetricUpdate("loraembed_adapter_texts_total", "a", 3),
+        MetricUpdate("loraembed_adapter_tokens_total", "a", 20),
+        MetricUpdate("loraembed_adapter_requests_total", "b", 1),
+        MetricUpdate("loraembed_adapter_texts_total", "b", 1),
+        MetricUpdate("loraembed_adapter_tokens_total", "b", 7),
+        MetricUpdate("loraembed_adapter_loads_total", None, 1),
+        MetricUpdate("loraembed_adapter_evictions_total", None, 1),
+        MetricUpdate("loraembed_adapter_load_failures_total", None, 1),
+    }  # resident and slots unchanged: no gauge update
+    assert metric_updates(after, after) == []
+
+
+def test_publisher_accumulates_totals_on_labelled_metrics():
+    families: dict[str, FakeFamily] = {}
+
+    def make_family(name, description, kind):
+        families[name] = FakeFamily(name, description, kind)
+        return families[name]
+
+    publisher = AdapterMetricsPublisher(make_family, {"model": "encoder", "instance": "encoder_0"})
+    assert set(families) == {definition.name for definition in METRIC_DEFINITIONS}
+    snapshots = [
+        _snapshot({"": (1, 2, 20)}, resident=0, capacity=2),
+        _snapshot({"": (1, 2, 20), "a": (1, 1, 9)}, loads=1, load_seconds=0.5, resident=1, capacity=2),
+        _snapshot({"": (3, 5, 50), "a": (1, 1, 9), "b": (2, 2, 10)}, loads=2, load_seconds=0.75, resident=2,
+                  capacity=2),
+        _snapshot({"": (3, 5, 50), "a": (1, 1, 9), "b": (2, 2, 10)}, loads=2, load_seconds=0.75, resident=2,
+                  capacity=2),
+    ]
+    for snapshot in snapshots:
+        publisher.publish(snapshot)
+
+    def value(name, adapter=None):
+        [metric] = [m for m in families[name].metrics if m.labels.get("adapter") == adapter]
+        assert {k: v for k, v in metric.labels.items() if k != "adapter"} == {"model": "encoder", "instance": "encoder_0"}
+        return metric.value
+
+    assert [value("loraembed_adapter_texts_total", adapter) for adapter in ("base", "a", "b")] == [5, 1, 2]
+    assert value("loraembed_adapter_tokens_total", "base") == 50
+    assert value("loraembed_adapter_loads_total") == 2
+    assert value("loraembed_adapter_load_seconds_total") == pytest.approx(0.75)
+    assert (value("loraembed_adapters_resident"), value("loraembed_adapter_slots")) == (2, 2)
+    assert value("loraembed_adapter_evictions_total") == 0  # shown from the start, never changed
+    # One metric object per (family, adapter); the unchanged last snapshot made no calls.
+    assert len(families["loraembed_adapter_texts_total"].metrics) == 3
+    assert sum(m.calls for family in families.values() for m in family.metrics) == 5 + 6 + 9
+    publisher.close()
+
+
+def test_engine_counts_forward_passes_and_their_tokens(make_engine, minilm_path):
+    engine = make_engine(minilm_path, max_batch_tokens=256, max_seq_len=128)
+    before = engine.adapters.snapshot()
+    ids = np.full((5, 100), 1000, dtype=np.int64)  # 500 tokens: two passes within 256 tokens each
+    [result] = engine.embed([EncoderRequest(ids, np.ones_like(ids))])
+    after = engine.adapters.snapshot()
+    assert not isinstance(result, Exception)
+    assert after.forward_passes - before.forward_passes == 3  # 2 + 2 + 1 sequences of 100 tokens
+    assert after.forward_tokens - before.forward_tokens == 500
+    assert after.usage[""].tokens - (before.usage[""].tokens if "" in before.usage else 0) == 500
