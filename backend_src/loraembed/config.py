@@ -143,6 +143,7 @@ class ServingConfig:
     merge_adapter: str = ""
     max_text_bytes: int = 1_000_000
     max_texts_per_request: int = 4096
+    cuda_graph_max_tokens: int = 2048  # base-model batches up to this size replay CUDA graphs; 0: never
 
     ENV_PREFIX = "LORAEMBED_"
 
@@ -185,6 +186,7 @@ class ServingConfig:
             "merge_adapter": lambda v: str(v).strip(),
             "max_text_bytes": lambda v: _parse_int("max_text_bytes", v, 1),
             "max_texts_per_request": lambda v: _parse_int("max_texts_per_request", v, 1),
+            "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
         }
         values = {}
         problems = []

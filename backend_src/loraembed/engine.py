@@ -20,6 +20,7 @@ from .encoder import PackedEncoder, load_packed_encoder
 from .errors import AdapterError, ConfigurationError, InvalidInputError, RequestError
 from .lora.metrics import AdapterCounters, AdapterMetrics
 from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
+from .cuda_graphs import GraphedForward
 from .packing import PackedBatch, SequenceRef, build_packed_batch, plan_batches
 from .pooling import finalize_embeddings, pool
 
@@ -121,6 +122,12 @@ class EmbeddingEngine:
             self.settings.model_path, self.settings.encoder_config, self.dtype, self.device, self.attention_backend
         )
         self.adapters = create_adapter_registry(self.model, serving) or BaseModelOnly()
+        self.graphed = None
+        if self.device.type == "cuda" and serving.cuda_graph_max_tokens:
+            self.graphed = GraphedForward(
+                self.model, self.settings.pooling, self.settings.encoder_config.position_offset,
+                min(serving.cuda_graph_max_tokens, serving.max_batch_tokens), self.settings.max_seq_len,
+            )
 
     def describe(self) -> str:
         return (
@@ -251,9 +258,13 @@ class EmbeddingEngine:
         # passes, so packing the next batch overlaps the device running the previous one.
         pooled = torch.empty(len(sequences), self.hidden_size, device=self.device)  # [N, H], request order
         for planned in plan_batches(sequences, self.serving.max_batch_tokens):
-            batch = build_packed_batch(planned, self.settings.encoder_config.position_offset, self.device)
-            self.adapters.activate(batch)
-            rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
+            if self.graphed is not None and self.graphed.accepts(planned):
+                rows, batch = self.graphed.pooled(planned)  # [B, H] float32, a CUDA graph replay
+                self.adapters.activate(batch)  # bookkeeping only: every row is a base-model row
+            else:
+                batch = build_packed_batch(planned, self.settings.encoder_config.position_offset, self.device)
+                self.adapters.activate(batch)
+                rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
             output_rows = torch.tensor([sequence.output_row for sequence in planned])
             pooled.index_copy_(0, output_rows.to(self.device, non_blocking=True), rows)
         pooled = pooled.cpu()

@@ -44,6 +44,17 @@ class PackedBatch:
     adapter_segments: tuple[AdapterSegment, ...]  # host-side, ordered, covering [0, T)
     adapter_slots: torch.Tensor  # [B] int32, per sequence
 
+    @classmethod
+    def host_summary(cls, host: "HostPackedArrays") -> "PackedBatch":
+        """The host-side fields only (lengths, adapter segments), for the bookkeeping of a batch
+        whose device work runs elsewhere (a CUDA graph replay); its tensors are empty."""
+        empty = torch.empty(0, dtype=torch.int64)
+        return cls(
+            input_ids=empty, position_ids=empty, cu_seqlens=empty, token_sequence_index=empty,
+            max_seqlen=int(host.lengths.max()), sequence_lengths=tuple(host.lengths.tolist()),
+            adapter_segments=adapter_segments(host.slots, host.cu_seqlens), adapter_slots=empty,
+        )
+
     @property
     def num_tokens(self) -> int:
         return int(sum(self.sequence_lengths))
@@ -76,8 +87,19 @@ def plan_batches(sequences: list[SequenceRef], max_batch_tokens: int) -> list[li
     return batches
 
 
-def build_packed_batch(sequences: list[SequenceRef], position_offset: int, device: torch.device) -> PackedBatch:
-    """Concatenate sequences (already grouped by adapter) into one packed batch on `device`."""
+@dataclass(frozen=True)
+class HostPackedArrays:
+    """The integer arrays of a packed batch, on the host (numpy int64)."""
+
+    input_ids: np.ndarray  # [T]
+    position_ids: np.ndarray  # [T]
+    sequence_index: np.ndarray  # [T]
+    cu_seqlens: np.ndarray  # [B+1]
+    slots: np.ndarray  # [B]
+    lengths: np.ndarray  # [B]
+
+
+def pack_host_arrays(sequences: list[SequenceRef], position_offset: int) -> HostPackedArrays:
     lengths = np.fromiter((len(s.token_ids) for s in sequences), dtype=np.int64, count=len(sequences))
     cu_seqlens = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu_seqlens[1:])
@@ -88,29 +110,38 @@ def build_packed_batch(sequences: list[SequenceRef], position_offset: int, devic
     # create_position_ids_from_input_ids); BERT from 0.
     position_ids = np.arange(total, dtype=np.int64) - cu_seqlens[:-1][sequence_index] + position_offset
     slots = np.fromiter((s.adapter_slot for s in sequences), dtype=np.int64, count=len(sequences))
+    return HostPackedArrays(input_ids, position_ids, sequence_index, cu_seqlens, slots, lengths)
 
+
+def adapter_segments(slots: np.ndarray, cu_seqlens: np.ndarray) -> tuple[AdapterSegment, ...]:
+    """Maximal runs of consecutive sequences with the same slot, as token ranges."""
     segments = []
     run_start = 0
-    for index in range(1, len(sequences) + 1):
-        if index == len(sequences) or slots[index] != slots[run_start]:
-            segments.append(
-                AdapterSegment(int(slots[run_start]), int(cu_seqlens[run_start]), int(cu_seqlens[index]))
-            )
+    for index in range(1, len(slots) + 1):
+        if index == len(slots) or slots[index] != slots[run_start]:
+            segments.append(AdapterSegment(int(slots[run_start]), int(cu_seqlens[run_start]), int(cu_seqlens[index])))
             run_start = index
+    return tuple(segments)
 
+
+def build_packed_batch(sequences: list[SequenceRef], position_offset: int, device: torch.device) -> PackedBatch:
+    """Concatenate sequences (already grouped by adapter) into one packed batch on `device`."""
+    host = pack_host_arrays(sequences, position_offset)
+    total, num_sequences = len(host.input_ids), len(sequences)
     # One host-to-device copy for all integer arrays.
-    host = torch.from_numpy(np.concatenate([input_ids, position_ids, sequence_index, cu_seqlens, slots]))
+    flat_host = torch.from_numpy(
+        np.concatenate([host.input_ids, host.position_ids, host.sequence_index, host.cu_seqlens, host.slots])
+    )
     if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    num_sequences = len(sequences)
+        flat_host = flat_host.pin_memory()
+    flat = flat_host.to(device, non_blocking=True)
     return PackedBatch(
         input_ids=flat[:total],
         position_ids=flat[total : 2 * total],
         token_sequence_index=flat[2 * total : 3 * total],
         cu_seqlens=flat[3 * total : 3 * total + num_sequences + 1].to(torch.int32),
         adapter_slots=flat[3 * total + num_sequences + 1 :].to(torch.int32),
-        max_seqlen=int(lengths.max()),
-        sequence_lengths=tuple(int(n) for n in lengths),
-        adapter_segments=tuple(segments),
+        max_seqlen=int(host.lengths.max()),
+        sequence_lengths=tuple(host.lengths.tolist()),
+        adapter_segments=adapter_segments(host.slots, host.cu_seqlens),
     )
