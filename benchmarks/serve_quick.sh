@@ -34,4 +34,4 @@ perf_analyzer -m embed -u localhost:18001 -i grpc --input-data "$OUT/queries.jso
   --concurrency-range 1:64:2 --measurement-interval 3000 -f "$OUT/embed_queries.csv" > "$OUT/perf.log" 2>&1 || tail -20 "$OUT/perf.log"
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader)   date: $(date -I)"
 grep -E "^Concurrency:" "$OUT/perf.log" || true
-cut -d, -f1,2,6,7,8 "$OUT/embed_queries.csv" 2>/dev/null | head -12 || true
+head -12 "$OUT/embed_queries.csv" 2>/dev/null | cut -d, -f1-2,5-7,10-13 || true

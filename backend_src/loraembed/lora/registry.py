@@ -115,6 +115,14 @@ class AdapterLocator:
     def _local_folder(self, adapter_id: str) -> Path:
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} is not available: no adapter_root is configured")
+        try:
+            return self._resolve_local_folder(adapter_id)
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13) or an unreadable path
+            raise AdapterError(
+                f"adapter {adapter_id!r} cannot be resolved (a symlink loop or an unreadable path); it is not served"
+            ) from None
+
+    def _resolve_local_folder(self, adapter_id: str) -> Path:
         candidate = self.root / adapter_id
         if not self._inside_root(candidate) or candidate.resolve() == self.root:
             raise AdapterError(f"adapter {adapter_id!r} resolves outside adapter_root; it is not served")
@@ -280,11 +288,15 @@ class AdapterRegistry:
             raise AdapterError(failure[1])  # unchanged files: the same answer without reading them
         try:
             adapter = read_peft_adapter(folder, adapter_id, self.module_shapes, self.max_lora_rank)
-        except AdapterError as error:
+        except Exception as error:  # any failure answers only this adapter's requests, never the batch
+            if not isinstance(error, AdapterError):  # e.g. a config value of a type PEFT's rules never expect
+                error = AdapterError(
+                    f"adapter {adapter_id!r} cannot be served: reading it failed ({type(error).__name__}: {error})"
+                )
             self.counters.load_failures += 1
             if signature is not None:
                 self._failures[adapter_id] = (signature, str(error))
-            raise
+            raise error from None
         self._failures.pop(adapter_id, None)
         return adapter
 
