@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/serve}; mkdir -p "$OUT"
 MODEL=$(mktemp -d)/xlmr-base
-python3 - "$MODEL" <<'PY'
+"${HOST_PYTHON:-python3}" - "$MODEL" <<'PY'
 import sys, torch
 sys.path.insert(0, ".")
 from pathlib import Path

@@ -24,9 +24,12 @@ def gpu_server(xlmr_base_folder, tmp_path_factory):
     backends = os.environ.get("TRITON_BACKENDS", "")
     if not (Path(backends).parent / "bin" / "tritonserver").is_file():
         pytest.skip("no tritonserver: source scripts/gpu_host_env.sh with the server bundle (.gpuhost)")
+    env = {"LORAEMBED_MODEL": str(xlmr_base_folder), "LORAEMBED_POOLING": "mean"}
+    if os.environ.get("GPUHOST_VENV_BIN"):  # the stub's python: the bundle's venv with numpy<2
+        env["PATH"] = os.environ["GPUHOST_VENV_BIN"] + os.pathsep + os.environ["PATH"]
     server = TritonServer(
         REPOSITORY,
-        env={"LORAEMBED_MODEL": str(xlmr_base_folder), "LORAEMBED_POOLING": "mean"},
+        env=env,
         log_dir=tmp_path_factory.mktemp("gpu-server"),
         triton_home=Path(backends).parent,
     ).start()
