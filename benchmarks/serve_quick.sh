@@ -30,7 +30,8 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf localhost:18000/v2/health/ready >/dev/null && break; sleep 1; done
 curl -sf localhost:18000/v2/health/ready >/dev/null || { tail -30 "$OUT/server.log"; exit 1; }
-perf_analyzer -m embed -u localhost:18001 -i grpc --input-data "$OUT/queries.json" \
+BUNDLE=$(cd "$TRITON_BACKENDS/../../.." && pwd)  # where install.sh unpacked perf_analyzer
+LD_LIBRARY_PATH=$BUNDLE/perf/lib:${LD_LIBRARY_PATH:-} "$BUNDLE/perf/perf_analyzer" -m embed -u localhost:18001 -i grpc --input-data "$OUT/queries.json" \
   --concurrency-range 1:64:2 --measurement-interval 3000 -f "$OUT/embed_queries.csv" > "$OUT/perf.log" 2>&1 || tail -20 "$OUT/perf.log"
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader)   date: $(date -I)"
 grep -E "^Concurrency:" "$OUT/perf.log" || true

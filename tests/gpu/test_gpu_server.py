@@ -38,18 +38,27 @@ def gpu_server(xlmr_base_folder, tmp_path_factory):
     server.stop()
 
 
+def _infer_http(url: str, texts: list[str]) -> np.ndarray:
+    """The `embed` ensemble over Triton's HTTP/JSON protocol (the host python has no tritonclient)."""
+    body = {
+        "inputs": [{"name": "TEXT", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}],
+        "parameters": {"normalize": False},
+    }
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/embed/infer", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request) as response:
+        output = json.loads(response.read())["outputs"][0]
+    return np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
 def test_ensemble_answers_with_a_gpu_encoder(gpu_server, xlmr_base_folder):
-    import tritonclient.grpc as grpcclient
     from transformers import AutoModel
 
     with urllib.request.urlopen(f"http://{gpu_server.http_url}/v2/models/encoder/config") as response:
         assert json.loads(response.read())["instance_group"][0]["kind"] == "KIND_GPU"
     texts = ["hello world", "the text is of the world", "äöü 日本語のテキスト " * 20, "a"]
-    array = np.array([[t.encode()] for t in texts], dtype=object)
-    text = grpcclient.InferInput("TEXT", list(array.shape), "BYTES")
-    text.set_data_from_numpy(array)
-    client = grpcclient.InferenceServerClient(gpu_server.grpc_url)
-    ours = client.infer("embed", [text], parameters={"normalize": False}).as_numpy("EMBEDDING")
+    ours = _infer_http(gpu_server.http_url, texts)
 
     tokenizer = xlmr_tokenizer(vocab_size=250)
     encodings = tokenizer.encode_batch(texts)
