@@ -1,0 +1,143 @@
+"""docker/entrypoint.sh: the tritonserver command line it builds, and the encoder instance group it
+writes for LORAEMBED_GPUS (into a copy of the repository), run against a stand-in tritonserver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+REPOSITORY = ROOT / "model_repository"
+KIND = model_config_pb2.ModelInstanceGroup.Kind
+
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def without_instance_group(config: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
+    config = model_config_pb2.ModelConfig.FromString(config.SerializeToString())
+    del config.instance_group[:]
+    return config
+
+
+@pytest.fixture
+def run_entrypoint(tmp_path):
+    """Run the entrypoint with `env` added; returns (result, tritonserver's arguments or None)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    args_file = tmp_path / "tritonserver-args"
+    fake = bin_dir / "tritonserver"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{args_file}"\n')
+    fake.chmod(0o755)
+
+    def run(env: dict[str, str], *args: str):
+        environ = {key: value for key, value in os.environ.items() if not key.startswith("LORAEMBED_")}
+        environ |= {"PATH": f"{bin_dir}:{environ['PATH']}", "TMPDIR": str(tmp_path)} | env
+        args_file.unlink(missing_ok=True)
+        result = subprocess.run(["bash", str(ENTRYPOINT), *args], env=environ, capture_output=True, text=True, timeout=60)
+        return result, (args_file.read_text().splitlines() if args_file.exists() else None)
+
+    return run
+
+
+def served_repository(argv: list[str]) -> Path:
+    (flag,) = [arg for arg in argv if arg.startswith("--model-repository=")]
+    return Path(flag.split("=", 1)[1])
+
+
+def test_default_serves_the_repository_itself_with_the_documented_flags(run_entrypoint):
+    result, argv = run_entrypoint({}, "--log-verbose=1")
+    assert result.returncode == 0, result.stderr
+    assert served_repository(argv) == REPOSITORY
+    for flag in ["--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--disable-auto-complete-config",
+                 "--backend-config=python,shm-default-byte-size=16777216", "--exit-on-error=true",
+                 "--strict-readiness=true"]:
+        assert flag in argv
+    assert argv[-1] == "--log-verbose=1"  # the container's arguments come last, so they win
+
+
+def test_ports_and_shared_memory_come_from_the_environment(run_entrypoint):
+    result, argv = run_entrypoint({"LORAEMBED_HTTP_PORT": "9000", "LORAEMBED_GRPC_PORT": "9001",
+                                   "LORAEMBED_METRICS_PORT": "9002", "LORAEMBED_SHM_DEFAULT_BYTE_SIZE": "1048576"})
+    assert result.returncode == 0, result.stderr
+    assert {"--http-port=9000", "--grpc-port=9001", "--metrics-port=9002",
+            "--backend-config=python,shm-default-byte-size=1048576"} <= set(argv)
+
+
+@pytest.mark.parametrize(
+    ("env", "kind", "count", "gpus"),
+    [
+        ({"LORAEMBED_GPUS": "0,1"}, KIND.KIND_GPU, 1, [0, 1]),
+        ({"LORAEMBED_GPUS": "3"}, KIND.KIND_GPU, 1, [3]),
+        ({"LORAEMBED_GPUS": "1,0", "LORAEMBED_INSTANCES_PER_GPU": "2"}, KIND.KIND_GPU, 2, [1, 0]),
+        ({"LORAEMBED_INSTANCES_PER_GPU": "2"}, KIND.KIND_GPU, 2, []),  # count on each visible GPU
+    ],
+)
+def test_gpus_rewrite_only_the_encoder_instance_group_of_a_copy(run_entrypoint, env, kind, count, gpus):
+    original = {path: path.read_bytes() for path in REPOSITORY.glob("*/config.pbtxt")}
+    result, argv = run_entrypoint(env)
+    assert result.returncode == 0, result.stderr
+    copy = served_repository(argv)
+    assert copy != REPOSITORY and copy.is_dir()
+    encoder = parse_config(copy / "encoder" / "config.pbtxt")
+    (group,) = encoder.instance_group
+    assert (group.kind, group.count, list(group.gpus)) == (kind, count, gpus)
+    # Everything else is the repository's, byte for byte or field for field.
+    assert without_instance_group(encoder) == without_instance_group(parse_config(REPOSITORY / "encoder" / "config.pbtxt"))
+    for model in ("tokenizer", "embed"):
+        assert (copy / model / "config.pbtxt").read_bytes() == (REPOSITORY / model / "config.pbtxt").read_bytes()
+    assert (copy / "encoder" / "1" / "model.py").read_bytes() == (REPOSITORY / "encoder" / "1" / "model.py").read_bytes()
+    assert {path: path.read_bytes() for path in REPOSITORY.glob("*/config.pbtxt")} == original
+
+
+def test_tokenizer_instances(run_entrypoint):
+    result, argv = run_entrypoint({"LORAEMBED_TOKENIZER_INSTANCES": "6"})
+    assert result.returncode == 0, result.stderr
+    copy = served_repository(argv)
+    (group,) = parse_config(copy / "tokenizer" / "config.pbtxt").instance_group
+    assert (group.kind, group.count) == (KIND.KIND_CPU, 6)
+    assert parse_config(copy / "encoder" / "config.pbtxt") == parse_config(REPOSITORY / "encoder" / "config.pbtxt")
+
+
+@pytest.mark.parametrize("value", ["", "all"])
+def test_all_gpus_keeps_the_repository(run_entrypoint, value):
+    result, argv = run_entrypoint({"LORAEMBED_GPUS": value})
+    assert result.returncode == 0, result.stderr
+    assert served_repository(argv) == REPOSITORY
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LORAEMBED_GPUS": "0,a"}, "LORAEMBED_GPUS must be GPU ids like 0,1"),
+        ({"LORAEMBED_GPUS": "0,,1"}, "LORAEMBED_GPUS must be GPU ids like 0,1"),
+        ({"LORAEMBED_GPUS": "-1"}, "LORAEMBED_GPUS must be GPU ids like 0,1"),
+        ({"LORAEMBED_GPUS": "0 1"}, "LORAEMBED_GPUS must be GPU ids like 0,1"),
+        ({"LORAEMBED_INSTANCES_PER_GPU": "0"}, "LORAEMBED_INSTANCES_PER_GPU must be a positive integer"),
+        ({"LORAEMBED_TOKENIZER_INSTANCES": "two"}, "LORAEMBED_TOKENIZER_INSTANCES must be a positive integer"),
+        ({"LORAEMBED_MODEL_REPOSITORY": "/no/such/repository"}, "no model repository"),
+    ],
+)
+def test_bad_settings_stop_before_the_server_starts(run_entrypoint, env, message):
+    result, argv = run_entrypoint(env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert argv is None
+
+
+def test_a_repository_whose_instance_group_cannot_be_found_is_refused(run_entrypoint, tmp_path):
+    repository = tmp_path / "repository"
+    (repository / "encoder").mkdir(parents=True)
+    (repository / "encoder" / "config.pbtxt").write_text('name: "encoder"\ninstance_group [\n  { kind: KIND_AUTO }\n]\n'
+                                                         'instance_group [ { kind: KIND_CPU } ]\n')
+    result, argv = run_entrypoint({"LORAEMBED_MODEL_REPOSITORY": str(repository), "LORAEMBED_GPUS": "0"})
+    assert result.returncode == 2
+    assert "has 2 lines starting with instance_group; expected exactly one" in result.stderr
+    assert argv is None
