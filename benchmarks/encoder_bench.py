@@ -8,7 +8,7 @@ passages (median 120, 16-512), long (median 400, up to 512). Our engine packs at
 --max-batch-tokens tokens per forward. Baselines: transformers fp16 + SDPA on padded batches of 64
 in arrival order, and on length-sorted batches of 256 (what sentence-transformers does offline).
 Prints a table (tokens/s, sequences/s, share of the matmul bound, peak memory) with the card and
-the date, and writes RESULTS-encoder.md and a PNG plot under --out.
+the date, and writes RESULTS.md and a PNG plot under --out.
 """
 
 from __future__ import annotations
@@ -380,7 +380,7 @@ def report(rows: list[dict], latencies: list[dict], card: str, date: str, out: P
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "RESULTS-encoder.md").write_text("# Encoder benchmark (benchmarks/encoder_bench.py)\n\n" + text + "\n")
+    (out / "RESULTS.md").write_text("# Encoder benchmark (benchmarks/encoder_bench.py)\n\n" + text + "\n")
     (out / "encoder_bench.json").write_text(json.dumps(dict(card=card, date=date, rows=rows, latencies=latencies), indent=1))
     try:
         plot(rows, card, date, out / "encoder_bench.png")
