@@ -188,7 +188,7 @@ def test_concurrent_tenants_beyond_the_slots_are_evicted_and_counted(server, ada
     assert after["loraembed_adapter_slots", None] == 2
     passes, tokens = grew("loraembed_forward_passes_total"), grew("loraembed_forward_tokens_total")
     assert 0 < passes <= 40 and tokens == sum(adapters.token_counts[row] for _, rows in requests for row in rows)
-    assert ("loraembed_adapter_texts_total", "base") in after  # "" is labelled "base"
+    assert ("loraembed_adapter_texts_total", "(base)") in after  # "" is labelled "(base)"
 
 
 NOT_A_PATH = "is not valid: adapter ids are names, not paths (A-Z a-z 0-9 . _ - only; org/name[@revision] for a hub adapter)"

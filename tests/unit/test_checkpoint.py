@@ -261,3 +261,22 @@ def test_max_seq_len_defaults_to_the_shorter_of_model_and_sentence_transformers(
     write_sentence_transformers_files(tmp_path, "mean", True, max_seq_length=512)  # more than the model's 40
     settings = ModelSettings.resolve(ServingConfig.from_parameters({"model": str(tmp_path)}, environ={}))
     assert (settings.pooling, settings.default_normalize, settings.max_seq_len) == ("mean", True, 40)
+
+
+def test_hub_model_id_resolves_from_the_offline_cache(tiny_xlmr_path, tmp_path, monkeypatch, xlmr_sequences, pad_right):
+    """A hub id is fetched with huggingface_hub, which finds it in its cache with HF_HUB_OFFLINE."""
+    import huggingface_hub.constants
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--acme--tiny-xlmr"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_xlmr_path, repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    resolved = resolve_model_path("acme/tiny-xlmr")
+    assert resolved == repo / "snapshots" / commit
+    assert_matches_transformers(resolved, xlmr_sequences, pad_right)
+    with pytest.raises(ConfigurationError, match="model 'acme/absent' .* is neither a local folder nor available"):
+        resolve_model_path("acme/absent")

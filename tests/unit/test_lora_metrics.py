@@ -61,11 +61,11 @@ def test_first_publication_sends_totals_and_every_gauge():
     current = _snapshot({"": (1, 3, 30), "tenant": (2, 2, 12)}, loads=1, load_seconds=0.25, resident=1, capacity=4,
                         forward_passes=2, forward_tokens=42)
     assert set(metric_updates(None, current)) == {
-        MetricUpdate("loraembed_adapter_requests_total", "base", 1),
+        MetricUpdate("loraembed_adapter_requests_total", "(base)", 1),
         MetricUpdate("loraembed_adapter_requests_total", "tenant", 2),
-        MetricUpdate("loraembed_adapter_texts_total", "base", 3),
+        MetricUpdate("loraembed_adapter_texts_total", "(base)", 3),
         MetricUpdate("loraembed_adapter_texts_total", "tenant", 2),
-        MetricUpdate("loraembed_adapter_tokens_total", "base", 30),
+        MetricUpdate("loraembed_adapter_tokens_total", "(base)", 30),
         MetricUpdate("loraembed_adapter_tokens_total", "tenant", 12),
         MetricUpdate("loraembed_adapter_loads_total", None, 1),
         MetricUpdate("loraembed_adapter_load_seconds_total", None, 0.25),
@@ -119,8 +119,8 @@ def test_publisher_accumulates_totals_on_labelled_metrics():
         assert {k: v for k, v in metric.labels.items() if k != "adapter"} == {"model": "encoder", "instance": "encoder_0"}
         return metric.value
 
-    assert [value("loraembed_adapter_texts_total", adapter) for adapter in ("base", "a", "b")] == [5, 1, 2]
-    assert value("loraembed_adapter_tokens_total", "base") == 50
+    assert [value("loraembed_adapter_texts_total", adapter) for adapter in ("(base)", "a", "b")] == [5, 1, 2]
+    assert value("loraembed_adapter_tokens_total", "(base)") == 50
     assert value("loraembed_adapter_loads_total") == 2
     assert value("loraembed_adapter_load_seconds_total") == pytest.approx(0.75)
     assert (value("loraembed_adapters_resident"), value("loraembed_adapter_slots")) == (2, 2)

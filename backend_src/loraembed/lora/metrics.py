@@ -91,7 +91,7 @@ class AdapterCounters:
 # --- publication ---------------------------------------------------------------------------------
 
 COUNTER, GAUGE = "counter", "gauge"
-BASE_MODEL_LABEL = "base"  # the `adapter` label value of rows served by the base model ("" id)
+BASE_MODEL_LABEL = "(base)"  # the `adapter` label of base-model rows ("" id); no adapter id can contain "("
 
 
 @dataclass(frozen=True)
