@@ -2,10 +2,11 @@
 # Throughput of the `embed` ensemble with the encoder on one GPU, then on two, under perf_analyzer
 # (gRPC, 32 passages per request, a concurrency sweep). Both servers run in this one program, so the
 # 1-GPU baseline comes from the same run. Prints a table with the card and the date and writes it to
-# OUT/RESULTS-multi-gpu.md (the raw perf_analyzer CSVs and server logs go to OUT/multi-gpu/).
+# OUT/RESULTS-multi-gpu.md; the perf_analyzer CSVs and logs and the server logs go to RAW.
 #
 #   benchmarks/multi_gpu.sh [--model xlmr-large|xlmr-base|DIR] [--gpus 0,1] [--concurrency 8,32,64]
 #       [--batch 32] [--measurement-ms 5000] [--tokenizer-instances N] [--out benchmarks]
+#       [--raw $TMPDIR/loraembed-bench/multi-gpu]
 #
 #   --model    a random-weight checkpoint of that size, built once under $TMPDIR (weights do not
 #              change the speed; the GPU host has no hub), or a checkpoint folder with tokenizer.json
@@ -19,6 +20,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 model=xlmr-large gpus=0,1 concurrency=8,32,64 batch=32 measurement_ms=5000 tokenizer_instances="" out=$ROOT/benchmarks
+raw=${TMPDIR:-/tmp}/loraembed-bench/multi-gpu
 while (($#)); do
     case $1 in
         --model) model=${2:?}; shift 2 ;;
@@ -28,7 +30,8 @@ while (($#)); do
         --measurement-ms) measurement_ms=${2:?}; shift 2 ;;
         --tokenizer-instances) tokenizer_instances=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
-        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --raw) raw=${2:?}; shift 2 ;;
+        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "multi_gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -54,8 +57,8 @@ type perf_analyzer >/dev/null 2>&1 || { echo "multi_gpu.sh: no perf_analyzer (a 
 visible=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 ((visible >= 2)) || { echo "multi_gpu.sh: needs two GPUs; nvidia-smi shows $visible" >&2; exit 1; }
 
-work=$out/multi-gpu
-mkdir -p "$work"
+work=$raw
+mkdir -p "$work" "$out"
 started=$(date +%s)
 say() { echo "multi_gpu.sh [$(($(date +%s) - started)) s]: $*" >&2; }
 

@@ -50,7 +50,7 @@ if [[ -n $venv ]]; then
         # Ubuntu's python3 lacks ensurepip without the python3-venv package; the tritonserver image
         # has virtualenv instead (pip-installed next to numpy<2).
         python3 -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; python3 -m virtualenv -q "$venv"; } ||
-            die "could not create a virtual environment at $venv (python3 -m venv or virtualenv)"
+            die "could not create a virtual environment at $venv: neither python3 -m venv (apt-get install python3-venv) nor virtualenv works"
     fi
     python=$venv/bin/python
 fi

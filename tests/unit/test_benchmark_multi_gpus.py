@@ -97,7 +97,8 @@ def test_benchmark_compares_one_gpu_with_two(tmp_path):
         **{f"BENCH_{name}_PORT": str(free_port()) for name in ("HTTP", "GRPC", "METRICS")},
     }
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "multi_gpu.sh"), "--model", str(model), "--gpus", "1,0",
-                             "--concurrency", "2,4", "--measurement-ms", "100", "--out", str(out)],
+                             "--concurrency", "2,4", "--measurement-ms", "100", "--out", str(out),
+                             "--raw", str(tmp_path / "raw")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "encoder instance groups: [('KIND_GPU', 1, [1])]" in result.stderr
@@ -108,5 +109,5 @@ def test_benchmark_compares_one_gpu_with_two(tmp_path):
     assert "| 2 | 2000 | 4000 | 2.00x | 12.0 | 12.0 |" in report
     assert "| 4 | 4000 | 8000 | 2.00x | 12.0 | 12.0 |" in report
     assert "Peak: 1 GPU 4000 passages/s, 2 GPUs 8000 passages/s: 2.00x" in report
-    passages = json.loads((out / "multi-gpu" / "passages.json").read_text())["data"]
+    passages = json.loads((tmp_path / "raw" / "passages.json").read_text())["data"]
     assert len(passages) == 2048
