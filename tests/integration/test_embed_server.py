@@ -4,6 +4,7 @@ text in, embedding out, equal to sentence-transformers; bad input answered per r
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -114,7 +115,12 @@ def test_concurrent_requests_of_different_lengths_share_executions(server, grpc,
     executions_before, inferences_before = stats()
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(lambda i: embed(grpcclient.InferenceServerClient(server.grpc_url), [texts[i]]), range(96)))
+    # Triton records statistics after it has sent the response: wait for the last ones to land.
+    deadline = time.monotonic() + 10
     executions, inferences = stats()
+    while inferences - inferences_before < 96 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        executions, inferences = stats()
     assert cosine(np.concatenate(results), expected).min() >= 0.9999
     assert inferences - inferences_before == 96
     assert executions - executions_before < inferences - inferences_before  # requests were batched together
