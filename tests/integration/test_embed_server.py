@@ -202,3 +202,21 @@ def test_server_reports_ready_models(server):
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/encoder/config") as response:
         config = json.loads(response.read())
     assert config["instance_group"][0]["kind"] == "KIND_CPU"  # KIND_AUTO on a machine without GPUs
+
+
+def test_kubernetes_liveness_probe_command_embeds_a_text(server):
+    """The Deployment's liveness probe, run as written against this server, succeeds."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    deployment = yaml.safe_load((REPOSITORY.parent / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    command = container["livenessProbe"]["exec"]["command"]
+    command = [part.replace("127.0.0.1:8000", server.http_url) for part in command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"][0]["shape"] == [1, 384]

@@ -4,6 +4,8 @@ with each other, with the image (ports, health endpoints, user) and with the aut
 
 from __future__ import annotations
 
+import json
+
 import copy
 from pathlib import Path
 
@@ -72,10 +74,13 @@ def test_deployment_asks_for_a_gpu_and_probes_triton_health():
     assert server["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Liveness runs one inference: a dead stub leaves Triton's health endpoints at 200.
+    liveness = server["livenessProbe"]["exec"]["command"]
+    assert liveness[0] == "curl" and liveness[-1] == "http://127.0.0.1:8000/v2/models/embed/infer"
+    assert json.loads(liveness[liveness.index("-d") + 1])["inputs"][0]["name"] == "TEXT"
     ports = {port["name"]: port["containerPort"] for port in server["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}  # the image's EXPOSE and entrypoint defaults
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert server[probe]["httpGet"]["port"] in ports
 
 
