@@ -1,5 +1,7 @@
-"""Printing embeddings as a shape line and a cosine-similarity table; shared by grpc_client.py and
-http_client.py."""
+"""What grpc_client.py and http_client.py share: their command line, and printing embeddings as a
+shape line and a cosine-similarity table."""
+
+import argparse
 
 import numpy as np
 
@@ -28,3 +30,17 @@ def print_similarity_table(texts: list[str], embeddings: np.ndarray) -> None:
     print(" " * row_width + "".join("  " + label.rjust(width) for label, width in zip(labels, col_widths)))
     for label, row in zip(labels, cosine_similarity(embeddings)):
         print(label.ljust(row_width) + "".join(f"  {value:{width}.3f}" for value, width in zip(row, col_widths)))
+
+
+def parse_table_client_args(description: str, protocol: str, default_url: str, argv=None) -> argparse.Namespace:
+    """The command line of the two table clients; only the endpoint differs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed (at most 1024)")
+    parser.add_argument("--url", default=default_url, help=f"Triton {protocol} endpoint (default: %(default)s)")
+    parser.add_argument("--adapter", metavar="ID", help="LoRA adapter id for every text (default: the base model)")
+    parser.add_argument("--dimensions", type=int, metavar="N", help="keep the first N dimensions (Matryoshka)")
+    parser.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction,
+        help="L2-normalize the embeddings (default: the server's setting)",
+    )
+    return parser.parse_args(argv)

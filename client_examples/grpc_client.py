@@ -10,7 +10,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from embedding_table import print_similarity_table
+from embedding_table import parse_table_client_args, print_similarity_table
 
 
 def build_inputs(texts: list[str], adapter: str | None = None) -> list[grpcclient.InferInput]:
@@ -33,16 +33,7 @@ def request_parameters(normalize: bool | None, dimensions: int | None) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed (at most 1024)")
-    parser.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint (default: %(default)s)")
-    parser.add_argument("--adapter", metavar="ID", help="LoRA adapter id for every text (default: the base model)")
-    parser.add_argument("--dimensions", type=int, metavar="N", help="keep the first N dimensions (Matryoshka)")
-    parser.add_argument(
-        "--normalize", action=argparse.BooleanOptionalAction,
-        help="L2-normalize the embeddings (default: the server's setting)",
-    )
-    return parser.parse_args(argv)
+    return parse_table_client_args(__doc__, "gRPC", "localhost:8001", argv)
 
 
 def main(argv=None) -> None:

@@ -10,20 +10,11 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from embedding_table import print_similarity_table
+from embedding_table import parse_table_client_args, print_similarity_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed (at most 1024)")
-    parser.add_argument("--url", default="localhost:8000", help="Triton HTTP endpoint (default: %(default)s)")
-    parser.add_argument("--adapter", metavar="ID", help="LoRA adapter id for every text (default: the base model)")
-    parser.add_argument("--dimensions", type=int, metavar="N", help="keep the first N dimensions (Matryoshka)")
-    parser.add_argument(
-        "--normalize", action=argparse.BooleanOptionalAction,
-        help="L2-normalize the embeddings (default: the server's setting)",
-    )
-    return parser.parse_args(argv)
+    return parse_table_client_args(__doc__, "HTTP", "localhost:8000", argv)
 
 
 def embed(client: httpclient.InferenceServerClient, args: argparse.Namespace) -> np.ndarray:
