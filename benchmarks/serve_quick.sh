@@ -19,10 +19,23 @@ config = XLMRobertaConfig(vocab_size=250002, hidden_size=768, num_hidden_layers=
 XLMRobertaModel(config).save_pretrained(sys.argv[1])
 xlmr_tokenizer(vocab_size=250).save(str(Path(sys.argv[1]) / "tokenizer.json"))
 PY
-cat > "$OUT/queries.json" <<'JSON'
-{"data": [{"TEXT": {"content": ["the text is of the world and hello"], "shape": [1]}},
-          {"TEXT": {"content": ["a query about the world of text"], "shape": [1]}}]}
-JSON
+# WORKLOAD=queries (default): one short text per request; WORKLOAD=passages: 32 texts of ~120
+# tokens per request.
+WORKLOAD=${WORKLOAD:-queries}
+"${HOST_PYTHON:-python3}" - "$OUT/input.json" "$WORKLOAD" "$MODEL/tokenizer.json" <<'PY'
+import json, sys
+from tokenizers import Tokenizer
+out, workload, tokenizer_file = sys.argv[1:]
+if workload == "queries":
+    texts = [["the text is of the world and hello"], ["a query about the world of text"]]
+else:
+    words = "the text is of the world and hello a query about".split()
+    passage = lambda seed: " ".join(words[(seed + i * 7) % len(words)] for i in range(60))
+    texts = [[passage(seed)] for seed in range(128)]  # perf_analyzer -b 32 sends 32 entries per request
+    tokens = sum(len(e.ids) for e in Tokenizer.from_file(tokenizer_file).encode_batch([t[0] for t in texts])) / 128
+    print(f"passages: 32 texts of {tokens:.0f} tokens per request")
+json.dump({"data": [{"TEXT": {"content": t, "shape": [1]}} for t in texts]}, open(out, "w"))
+PY
 LORAEMBED_MODEL=$MODEL LORAEMBED_POOLING=mean tritonserver --model-repository="$ROOT/model_repository" \
   --backend-directory="$TRITON_BACKENDS" --disable-auto-complete-config --http-port 18000 --grpc-port 18001 \
   --metrics-port 18002 --backend-config=python,shm-default-byte-size=16777216 > "$OUT/server.log" 2>&1 &
@@ -31,8 +44,8 @@ trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf localhost:18000/v2/health/ready >/dev/null && break; sleep 1; done
 curl -sf localhost:18000/v2/health/ready >/dev/null || { tail -30 "$OUT/server.log"; exit 1; }
 BUNDLE=$(cd "$TRITON_BACKENDS/../../.." && pwd)  # where install.sh unpacked perf_analyzer
-LD_LIBRARY_PATH=$BUNDLE/perf/lib:${LD_LIBRARY_PATH:-} "$BUNDLE/perf/perf_analyzer" -m embed -u localhost:18001 -i grpc --input-data "$OUT/queries.json" \
-  --concurrency-range 1:64:2 --measurement-interval 3000 -f "$OUT/embed_queries.csv" > "$OUT/perf.log" 2>&1 || tail -20 "$OUT/perf.log"
+LD_LIBRARY_PATH=$BUNDLE/perf/lib:${LD_LIBRARY_PATH:-} "$BUNDLE/perf/perf_analyzer" -m embed -u localhost:18001 -i grpc -b "$([ "$WORKLOAD" = passages ] && echo 32 || echo 1)" --input-data "$OUT/input.json" \
+  --concurrency-range "${CONCURRENCY:-1:64:2}" --measurement-interval 3000 -f "$OUT/embed_$WORKLOAD.csv" > "$OUT/perf.log" 2>&1 || tail -20 "$OUT/perf.log"
 echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader)   date: $(date -I)"
 grep -E "^Concurrency:" "$OUT/perf.log" || true
-head -12 "$OUT/embed_queries.csv" 2>/dev/null | cut -d, -f1-2,5-7,10-13 || true
+head -12 "$OUT/embed_$WORKLOAD.csv" 2>/dev/null | cut -d, -f1-2,5-7,10-13 || true
