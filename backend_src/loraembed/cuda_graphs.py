@@ -1,4 +1,4 @@
-"""CUDA graphs of the whole forward pass + pooling for small base-model batches.
+"""CUDA graphs of the whole forward pass + pooling for base-model batches.
 
 A 16-token query costs ~150 kernel launches; on a slow host CPU those launches, not the GPU, set
 the latency. A graph replays them with one call. Graphs are captured lazily per bucket of
@@ -57,6 +57,10 @@ class GraphedForward:
         self.max_seqlen = max_seqlen
         self.graphs: dict[tuple[int, int, int], _CapturedGraph] = {}
         self.stream = torch.cuda.Stream()
+        # One memory pool for all graphs: they replay one at a time on one stream, and each
+        # replay's output is copied out (stream-ordered) before the next replay can reuse memory;
+        # outputs stay referenced, so no capture hands out another graph's output block.
+        self.memory_pool = torch.cuda.graph_pool_handle()
 
     def accepts(self, sequences: list[SequenceRef]) -> bool:
         if self.model.attention_backend not in ("flash_attn", "torch_varlen"):
@@ -69,7 +73,8 @@ class GraphedForward:
 
     def _key(self, tokens: int, sequences: int, longest: int) -> tuple[int, int, int]:
         return (
-            _bucket(tokens + 1, MIN_TOKENS),  # + 1: at least one padding row, where empty sequences point
+            # + 1: at least one padding row, where empty sequences point
+            min(_bucket(tokens + 1, MIN_TOKENS), self.max_tokens + 1),
             _bucket(sequences + 1, MIN_SEQUENCES),  # + 1: the sequence that takes the padding tokens
             min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
         )
@@ -132,7 +137,7 @@ class GraphedForward:
                 forward()
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.memory_pool):
             pooled = forward()
         events = (torch.cuda.Event(), torch.cuda.Event())
         for event in events:

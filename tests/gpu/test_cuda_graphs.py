@@ -37,13 +37,14 @@ def requests_of(lengths, rng):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_graph_replays_equal_the_eager_forward(xlmr_base_folder, backend, pooling):
     try:
-        graphed = make_engine(xlmr_base_folder, backend, pooling, 2048)
+        graphed = make_engine(xlmr_base_folder, backend, pooling, 8192)
     except Exception as error:  # flash-attn missing
         pytest.skip(str(error))
     eager = make_engine(xlmr_base_folder, backend, pooling, 0)
     assert graphed.graphed is not None and eager.graphed is None
     rng = np.random.default_rng(0)
-    batches = [[16], [3, 40, 17], [16], rng.integers(3, 64, 100).tolist(), [512, 5], [16], rng.integers(3, 200, 20).tolist()]
+    batches = [[16], [3, 40, 17], [16], rng.integers(3, 64, 100).tolist(), [512, 5], [16], rng.integers(3, 200, 20).tolist(),
+               rng.integers(4, 65, 400).tolist(), [512] * 15]  # the last two: ~14k and 7.7k tokens
     for lengths in batches * 2:  # the second round replays graphs captured in the first
         requests = requests_of(lengths, rng)
         ours = graphed.embed(requests)[0]
@@ -52,5 +53,5 @@ def test_graph_replays_equal_the_eager_forward(xlmr_base_folder, backend, poolin
         assert cosine.min() >= 0.9999, (lengths, cosine.min())
     assert 0 < len(graphed.graphed.graphs) <= len(batches)
     # A batch over the graph limit runs eagerly, and still equals the eager engine.
-    big = requests_of([500] * 6, rng)
+    big = requests_of([500] * 20, rng)  # 10,000 tokens > 8192: eager
     np.testing.assert_allclose(graphed.embed(big)[0], eager.embed(big)[0], atol=2e-2, rtol=0)
