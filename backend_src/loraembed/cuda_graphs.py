@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .encoder import PackedEncoder
-from .packing import PackedBatch, SequenceRef, pack_host_arrays
+from .packing import HostPackedArrays, PackedBatch
 from .pooling import pool
 
 MIN_TOKENS, MIN_SEQUENCES, MIN_SEQLEN = 64, 8, 32
@@ -62,13 +62,13 @@ class GraphedForward:
         # outputs stay referenced, so no capture hands out another graph's output block.
         self.memory_pool = torch.cuda.graph_pool_handle()
 
-    def accepts(self, sequences: list[SequenceRef]) -> bool:
+    def accepts(self, host: HostPackedArrays) -> bool:
         if self.model.attention_backend not in ("flash_attn", "torch_varlen"):
             return False  # the SDPA reference syncs with the host: not capturable
-        if any(sequence.adapter_slot for sequence in sequences):
+        if host.slots.any():
             return False
-        tokens = sum(len(sequence.token_ids) for sequence in sequences)
-        key = self._key(tokens, len(sequences), max(len(sequence.token_ids) for sequence in sequences))
+        tokens = len(host.input_ids)
+        key = self._key(tokens, len(host.lengths), int(host.lengths.max()))
         return tokens <= self.max_tokens and (key in self.graphs or len(self.graphs) < MAX_GRAPHS)
 
     def _key(self, tokens: int, sequences: int, longest: int) -> tuple[int, int, int]:
@@ -79,11 +79,11 @@ class GraphedForward:
             min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
         )
 
-    def pooled(self, sequences: list[SequenceRef]) -> tuple[torch.Tensor, PackedBatch]:
-        """[B, H] float32 on the device, equal to `pool(model(batch))` of the same sequences, and
+    def pooled(self, host: HostPackedArrays) -> tuple[torch.Tensor, PackedBatch]:
+        """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch, and
         the batch's host-side summary (for metrics)."""
-        host = pack_host_arrays(sequences, self.position_offset)
-        key = self._key(len(host.input_ids), len(sequences), int(host.lengths.max()))
+        num_rows = len(host.lengths)
+        key = self._key(len(host.input_ids), num_rows, int(host.lengths.max()))
         captured = self.graphs.get(key) or self._capture(key)
         tokens, num_sequences, _ = key
         total = len(host.input_ids)
@@ -104,7 +104,7 @@ class GraphedForward:
         captured.device_input.copy_(captured.host_inputs[turn], non_blocking=True)
         captured.copied[turn].record()
         captured.graph.replay()
-        return captured.pooled[: len(sequences)], PackedBatch.host_summary(host)
+        return captured.pooled[:num_rows], PackedBatch.host_summary(host)
 
     def _capture(self, key: tuple[int, int, int]) -> _CapturedGraph:
         tokens, num_sequences, longest = key

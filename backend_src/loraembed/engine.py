@@ -21,7 +21,7 @@ from .errors import AdapterError, ConfigurationError, InvalidInputError, Request
 from .lora.metrics import AdapterCounters, AdapterMetrics
 from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
 from .cuda_graphs import GraphedForward
-from .packing import PackedBatch, SequenceRef, build_packed_batch, plan_batches
+from .packing import PackedBatch, PackingRows, pack_rows, plan_row_batches, to_device
 from .pooling import finalize_embeddings, pool
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -68,7 +68,8 @@ class EncoderRequest:
 
 @dataclass
 class _ValidRequest:
-    sequences: list[np.ndarray]
+    token_ids: np.ndarray  # [sum of lengths] int64: the rows' real tokens, back to back
+    lengths: np.ndarray  # [n]
     adapter_ids: list[str]
     options: RequestOptions
 
@@ -179,9 +180,7 @@ class EmbeddingEngine:
             adapter_ids = adapter_ids * rows
         if len(adapter_ids) != rows:
             raise InvalidInputError(f"{len(adapter_ids)} adapter ids for {rows} texts (send one per text, or one)")
-        ids = ids.astype(np.int64, copy=False)
-        sequences = [ids[row, :length] for row, length in enumerate(lengths.tolist())]
-        return _ValidRequest(sequences, adapter_ids, options)
+        return _ValidRequest(real_ids.astype(np.int64, copy=False), lengths.astype(np.int64), adapter_ids, options)
 
     def embed(self, requests: Sequence[EncoderRequest]) -> list[np.ndarray | RequestError]:
         """One float32 [n, dims] array per request, or the RequestError that request earned."""
@@ -245,27 +244,33 @@ class EmbeddingEngine:
 
     @torch.inference_mode()
     def _forward(self, valid: dict[int, _ValidRequest], slots: Mapping[str, int | AdapterError]) -> dict[int, torch.Tensor]:
-        """Pooled float32 rows per request; sequences of all requests share forward passes."""
-        sequences = []
-        first_row = {}  # request index -> its first row in `pooled`
+        """Pooled float32 rows per request; the rows of all requests share forward passes."""
+        if not valid:
+            return {}
+        first_row, count = {}, 0  # request index -> its first row in `pooled`
+        slot_parts = []
         for index, request in valid.items():
-            first_row[index] = len(sequences)
-            sequences += [
-                SequenceRef(index, len(sequences) + row, tokens, slots[request.adapter_ids[row]])  # type: ignore[arg-type]
-                for row, tokens in enumerate(request.sequences)
-            ]
+            first_row[index] = count
+            count += len(request.lengths)
+            if len(set(request.adapter_ids)) == 1:
+                slot_parts.append(np.full(len(request.lengths), slots[request.adapter_ids[0]], dtype=np.int64))
+            else:
+                slot_parts.append(np.array([slots[a] for a in request.adapter_ids], dtype=np.int64))
+        rows = PackingRows.concatenate(
+            [request.token_ids for request in valid.values()], [request.lengths for request in valid.values()], slot_parts
+        )
         # Rows stay on the device until the last batch is queued: no host sync between forward
         # passes, so packing the next batch overlaps the device running the previous one.
-        pooled = torch.empty(len(sequences), self.hidden_size, device=self.device)  # [N, H], request order
-        for planned in plan_batches(sequences, self.serving.max_batch_tokens):
-            if self.graphed is not None and self.graphed.accepts(planned):
-                rows, batch = self.graphed.pooled(planned)  # [B, H] float32, a CUDA graph replay
+        pooled = torch.empty(count, self.hidden_size, device=self.device)  # [N, H], request order
+        for selected in plan_row_batches(rows.lengths, rows.slots, self.serving.max_batch_tokens):
+            host = pack_rows(rows, selected, self.settings.encoder_config.position_offset)
+            if self.graphed is not None and self.graphed.accepts(host):
+                batch_rows, batch = self.graphed.pooled(host)  # [B, H] float32, a CUDA graph replay
                 self.adapters.activate(batch)  # bookkeeping only: every row is a base-model row
             else:
-                batch = build_packed_batch(planned, self.settings.encoder_config.position_offset, self.device)
+                batch = to_device(host, self.device)
                 self.adapters.activate(batch)
-                rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
-            output_rows = torch.tensor([sequence.output_row for sequence in planned])
-            pooled.index_copy_(0, output_rows.to(self.device, non_blocking=True), rows)
+                batch_rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
+            pooled.index_copy_(0, torch.from_numpy(selected).to(self.device, non_blocking=True), batch_rows)
         pooled = pooled.cpu()
-        return {index: pooled[start : start + len(valid[index].sequences)] for index, start in first_row.items()}
+        return {index: pooled[start : start + len(valid[index].lengths)] for index, start in first_row.items()}

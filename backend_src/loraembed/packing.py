@@ -64,71 +64,64 @@ class PackedBatch:
         return len(self.sequence_lengths)
 
 
-def plan_batches(sequences: list[SequenceRef], max_batch_tokens: int) -> list[list[SequenceRef]]:
-    """Order by adapter slot (stable, so arrival order within an adapter), then cut at the budget.
+@dataclass(frozen=True)
+class PackingRows:
+    """The sequences of many requests as flat arrays: the engine's working form (no per-row objects)."""
 
-    Every sequence must be at most `max_batch_tokens` long (the config guarantees max_seq_len fits).
-    """
-    ordered = sorted(sequences, key=lambda sequence: sequence.adapter_slot)
-    batches: list[list[SequenceRef]] = []
-    current: list[SequenceRef] = []
-    current_tokens = 0
-    for sequence in ordered:
-        length = len(sequence.token_ids)
-        if length > max_batch_tokens:
-            raise ValueError(f"a sequence of {length} tokens exceeds max_batch_tokens={max_batch_tokens}")
-        if current and current_tokens + length > max_batch_tokens:
-            batches.append(current)
-            current, current_tokens = [], 0
-        current.append(sequence)
-        current_tokens += length
-    if current:
-        batches.append(current)
+    token_ids: np.ndarray  # [total] int64, the rows back to back in row order
+    starts: np.ndarray  # [N] offset of each row in token_ids
+    lengths: np.ndarray  # [N]
+    slots: np.ndarray  # [N] adapter slot of each row (0 = base model)
+
+    @classmethod
+    def concatenate(cls, token_ids: list[np.ndarray], lengths: list[np.ndarray], slots: list[np.ndarray]) -> "PackingRows":
+        """From per-request parts: each request's rows back to back, its lengths and slots."""
+        all_lengths = np.concatenate(lengths).astype(np.int64, copy=False)
+        starts = np.zeros(len(all_lengths), dtype=np.int64)
+        np.cumsum(all_lengths[:-1], out=starts[1:])
+        return cls(np.concatenate(token_ids).astype(np.int64, copy=False), starts, all_lengths,
+                   np.concatenate(slots).astype(np.int64, copy=False))
+
+
+def plan_row_batches(lengths: np.ndarray, slots: np.ndarray, max_batch_tokens: int) -> list[np.ndarray]:
+    """Row indices of each batch: rows ordered by adapter slot (stable, so arrival order within an
+    adapter), cut greedily so no batch exceeds the token budget."""
+    if len(lengths) == 0:
+        return []
+    if lengths.max() > max_batch_tokens:
+        raise ValueError(f"a sequence of {lengths.max()} tokens exceeds max_batch_tokens={max_batch_tokens}")
+    order = np.argsort(slots, kind="stable")
+    cumulative = np.cumsum(lengths[order])  # [N]
+    batches, start, used = [], 0, 0
+    while start < len(order):
+        end = int(np.searchsorted(cumulative, used + max_batch_tokens, side="right"))
+        batches.append(order[start:end])
+        start, used = end, int(cumulative[end - 1])
     return batches
 
 
-@dataclass(frozen=True)
-class HostPackedArrays:
-    """The integer arrays of a packed batch, on the host (numpy int64)."""
-
-    input_ids: np.ndarray  # [T]
-    position_ids: np.ndarray  # [T]
-    sequence_index: np.ndarray  # [T]
-    cu_seqlens: np.ndarray  # [B+1]
-    slots: np.ndarray  # [B]
-    lengths: np.ndarray  # [B]
-
-
-def pack_host_arrays(sequences: list[SequenceRef], position_offset: int) -> HostPackedArrays:
-    lengths = np.fromiter((len(s.token_ids) for s in sequences), dtype=np.int64, count=len(sequences))
-    cu_seqlens = np.zeros(len(sequences) + 1, dtype=np.int64)
+def pack_rows(rows: PackingRows, selected: np.ndarray, position_offset: int) -> "HostPackedArrays":
+    """The host arrays of one batch made of `selected` rows, in that order."""
+    lengths = rows.lengths[selected]
+    cu_seqlens = np.zeros(len(selected) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu_seqlens[1:])
     total = int(cu_seqlens[-1])
-    input_ids = np.concatenate([s.token_ids for s in sequences]).astype(np.int64, copy=False)
-    sequence_index = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)  # [T]
+    starts = rows.starts[selected]
+    sequence_start = np.repeat(cu_seqlens[:-1], lengths)  # [T]: where each token's sequence begins
+    if len(selected) == 1 or np.all(np.diff(selected) == 1):  # consecutive rows: one slice, no gather
+        input_ids = rows.token_ids[starts[0] : starts[0] + total]
+    else:
+        input_ids = rows.token_ids[np.repeat(starts, lengths) + np.arange(total) - sequence_start]
     # XLM-R counts positions from pad_token_id + 1 in every sequence (HF
     # create_position_ids_from_input_ids); BERT from 0.
-    position_ids = np.arange(total, dtype=np.int64) - cu_seqlens[:-1][sequence_index] + position_offset
-    slots = np.fromiter((s.adapter_slot for s in sequences), dtype=np.int64, count=len(sequences))
-    return HostPackedArrays(input_ids, position_ids, sequence_index, cu_seqlens, slots, lengths)
+    position_ids = np.arange(total, dtype=np.int64) - sequence_start + position_offset
+    sequence_index = np.repeat(np.arange(len(selected), dtype=np.int64), lengths)
+    return HostPackedArrays(input_ids, position_ids, sequence_index, cu_seqlens, rows.slots[selected], lengths)
 
 
-def adapter_segments(slots: np.ndarray, cu_seqlens: np.ndarray) -> tuple[AdapterSegment, ...]:
-    """Maximal runs of consecutive sequences with the same slot, as token ranges."""
-    segments = []
-    run_start = 0
-    for index in range(1, len(slots) + 1):
-        if index == len(slots) or slots[index] != slots[run_start]:
-            segments.append(AdapterSegment(int(slots[run_start]), int(cu_seqlens[run_start]), int(cu_seqlens[index])))
-            run_start = index
-    return tuple(segments)
-
-
-def build_packed_batch(sequences: list[SequenceRef], position_offset: int, device: torch.device) -> PackedBatch:
-    """Concatenate sequences (already grouped by adapter) into one packed batch on `device`."""
-    host = pack_host_arrays(sequences, position_offset)
-    total, num_sequences = len(host.input_ids), len(sequences)
-    # One host-to-device copy for all integer arrays.
+def to_device(host: "HostPackedArrays", device: torch.device) -> PackedBatch:
+    """The packed batch on `device`, from its host arrays, in one host-to-device copy."""
+    total, num_sequences = len(host.input_ids), len(host.lengths)
     flat_host = torch.from_numpy(
         np.concatenate([host.input_ids, host.position_ids, host.sequence_index, host.cu_seqlens, host.slots])
     )
@@ -145,3 +138,50 @@ def build_packed_batch(sequences: list[SequenceRef], position_offset: int, devic
         sequence_lengths=tuple(host.lengths.tolist()),
         adapter_segments=adapter_segments(host.slots, host.cu_seqlens),
     )
+
+
+@dataclass(frozen=True)
+class HostPackedArrays:
+    """The integer arrays of a packed batch, on the host (numpy int64)."""
+
+    input_ids: np.ndarray  # [T]
+    position_ids: np.ndarray  # [T]
+    sequence_index: np.ndarray  # [T]
+    cu_seqlens: np.ndarray  # [B+1]
+    slots: np.ndarray  # [B]
+    lengths: np.ndarray  # [B]
+
+
+def adapter_segments(slots: np.ndarray, cu_seqlens: np.ndarray) -> tuple[AdapterSegment, ...]:
+    """Maximal runs of consecutive sequences with the same slot, as token ranges."""
+    boundaries = [0, *(np.flatnonzero(np.diff(slots)) + 1).tolist(), len(slots)]
+    return tuple(
+        AdapterSegment(int(slots[start]), int(cu_seqlens[start]), int(cu_seqlens[end]))
+        for start, end in zip(boundaries, boundaries[1:])
+    )
+
+
+# The same packing for a list of SequenceRef (tests, benchmarks).
+
+
+def _rows_of(sequences: list[SequenceRef]) -> PackingRows:
+    return PackingRows.concatenate(
+        [s.token_ids for s in sequences] or [np.zeros(0, dtype=np.int64)],
+        [np.array([len(s.token_ids) for s in sequences], dtype=np.int64)],
+        [np.array([s.adapter_slot for s in sequences], dtype=np.int64)],
+    )
+
+
+def plan_batches(sequences: list[SequenceRef], max_batch_tokens: int) -> list[list[SequenceRef]]:
+    """`plan_row_batches` for SequenceRefs. Every sequence must be at most `max_batch_tokens` long."""
+    rows = _rows_of(sequences)
+    return [[sequences[i] for i in batch] for batch in plan_row_batches(rows.lengths, rows.slots, max_batch_tokens)]
+
+
+def pack_host_arrays(sequences: list[SequenceRef], position_offset: int) -> HostPackedArrays:
+    return pack_rows(_rows_of(sequences), np.arange(len(sequences)), position_offset)
+
+
+def build_packed_batch(sequences: list[SequenceRef], position_offset: int, device: torch.device) -> PackedBatch:
+    """Concatenate sequences (already grouped by adapter) into one packed batch on `device`."""
+    return to_device(pack_host_arrays(sequences, position_offset), device)

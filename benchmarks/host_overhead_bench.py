@@ -1,0 +1,69 @@
+"""Host-side cost of `EmbeddingEngine.embed` (validation, adapter bookkeeping, packing, result
+assembly) with the device work replaced by a stub, on any machine (no GPU needed).
+
+    python benchmarks/host_overhead_bench.py [--rows 12000] [--rows-per-request 32]
+
+The GPU forward is asynchronous, so this host work adds to every batch's latency and, when the
+host is slow, bounds throughput; this measures it alone, in microseconds per row and per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
+
+import loraembed.engine as engine_module  # noqa: E402
+from loraembed.config import ServingConfig  # noqa: E402
+from loraembed.engine import EmbeddingEngine, EncoderRequest  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=12000)
+    parser.add_argument("--rows-per-request", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    engine = EmbeddingEngine(ServingConfig.from_parameters({}, environ={}))
+    hidden = engine.hidden_size
+    engine.model.forward = lambda batch: torch.empty(batch.input_ids.shape[0], hidden)  # no device work
+    engine_module.pool = lambda states, batch, mode: torch.zeros(batch.num_sequences, hidden)
+    rng = np.random.default_rng(0)
+    rows = []
+    for workload, median, low, high in (("queries", 16, 4, 64), ("passages", 120, 16, 256)):
+        lengths = np.clip(np.round(rng.lognormal(np.log(median), 0.6, args.rows)), low, high).astype(int)
+        requests = []
+        for start in range(0, len(lengths), args.rows_per_request):
+            chunk = lengths[start : start + args.rows_per_request]
+            ids = np.zeros((len(chunk), chunk.max()), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for row, length in enumerate(chunk):
+                ids[row, :length] = rng.integers(1000, 2000, length)
+                mask[row, :length] = 1
+            requests.append(EncoderRequest(ids, mask))
+        engine.embed(requests)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            engine.embed(requests)
+            times.append(time.perf_counter() - start)
+        seconds = float(np.median(times))
+        rows.append((workload, len(requests), int(lengths.sum()), seconds))
+    print(f"host: {platform.processor() or platform.machine()}   date: {datetime.date.today()}   (device work stubbed out)")
+    print("| workload | requests | tokens | host ms | µs per row | host-bound tokens/s |\n|---|---|---|---|---|---|")
+    for workload, requests, tokens, seconds in rows:
+        print(f"| {workload} | {requests} | {tokens} | {seconds * 1e3:.1f} | {seconds / args.rows * 1e6:.2f} | "
+              f"{tokens / seconds / 1e6:.1f}M |")
+
+
+if __name__ == "__main__":
+    main()
