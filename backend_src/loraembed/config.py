@@ -144,6 +144,7 @@ class ServingConfig:
     max_text_bytes: int = 1_000_000
     max_texts_per_request: int = 4096
     cuda_graph_max_tokens: int = 16384  # base-model batches up to this size replay CUDA graphs; 0: never
+    cpu_threads: int = 0  # torch threads of a CPU instance; 0: half the cores (tokenizers share them)
 
     ENV_PREFIX = "LORAEMBED_"
 
@@ -187,6 +188,7 @@ class ServingConfig:
             "max_text_bytes": lambda v: _parse_int("max_text_bytes", v, 1),
             "max_texts_per_request": lambda v: _parse_int("max_texts_per_request", v, 1),
             "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
+            "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
         }
         values = {}
         problems = []

@@ -4,6 +4,7 @@ configuration's `parameters`, request parameters and the instance's device."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping
 
 import torch
@@ -19,12 +20,18 @@ def request_parameters(parameters_json: str) -> dict[str, Any]:
     return json.loads(parameters_json) if parameters_json else {}
 
 
-def instance_device(kind: str, device_id: str | int) -> torch.device:
-    """The device of a Triton model instance; makes it current so every CUDA call lands there."""
+def instance_device(kind: str, device_id: str | int, cpu_threads: int = 0) -> torch.device:
+    """The device of a Triton model instance; makes it current so every CUDA call lands there.
+
+    A CPU instance shares the cores with the tokenizer instances: it gets `cpu_threads` torch
+    threads, or half the cores (on a 2-core machine a second torch thread made small batches many
+    times slower: tests/integration/test_load_and_faults.py ran 352 s instead of 15 s).
+    """
     if kind == "GPU" and torch.cuda.is_available():
         device = torch.device("cuda", int(device_id))
         torch.cuda.set_device(device)
         return device
+    torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) // 2))
     return torch.device("cpu")
 
 

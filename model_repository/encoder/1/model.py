@@ -44,7 +44,7 @@ class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
         serving = ServingConfig.from_parameters(parameters_from_model_config(model_config))
-        device = instance_device(args["model_instance_kind"], args["model_instance_device_id"])
+        device = instance_device(args["model_instance_kind"], args["model_instance_device_id"], serving.cpu_threads)
         self.engine = EmbeddingEngine(serving, device)
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics = AdapterMetricsPublisher(_metric_family, labels)
