@@ -1,7 +1,8 @@
 """Non-causal attention over packed sequences, behind one entry point.
 
-Backends, fastest first: flash-attn's `flash_attn_varlen_func` (if importable, CUDA), PyTorch's
-`torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10), and an SDPA reference that runs
+Backends: flash-attn's `flash_attn_varlen_func` (if importable, CUDA), PyTorch's
+`torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10), our Triton kernel whose query tiles
+span several short sequences (`packed_attention_triton`, CUDA), and an SDPA reference that runs
 everywhere and is what tests compare the others with. No padding token is ever attended: the
 reference masks every key outside a query's own sequence.
 """
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigurationError
+from .packed_attention_triton import packed_attention, triton
 
-ATTENTION_BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+ATTENTION_BACKENDS = ("flash_attn", "torch_varlen", "triton_packed", "sdpa")
 
 
 def _flash_attn_available() -> bool:
@@ -38,6 +40,7 @@ def select_attention_backend(requested: str, device: torch.device, dtype: torch.
     usable = {
         "flash_attn": device.type == "cuda" and half and _flash_attn_available(),
         "torch_varlen": device.type == "cuda" and half and _torch_varlen_available(),
+        "triton_packed": device.type == "cuda" and half and triton is not None,
         "sdpa": True,
     }
     if requested == "auto":
@@ -45,9 +48,9 @@ def select_attention_backend(requested: str, device: torch.device, dtype: torch.
     if requested not in usable:
         raise ConfigurationError(f"attention={requested!r} is not one of auto, {', '.join(ATTENTION_BACKENDS)}")
     if not usable[requested]:
+        needs = {"flash_attn": "the flash-attn package", "torch_varlen": "torch >= 2.10", "triton_packed": "triton"}
         raise ConfigurationError(
-            f"attention={requested!r} cannot run here (needs CUDA, float16/bfloat16"
-            f"{' and the flash-attn package' if requested == 'flash_attn' else ' and torch >= 2.10'}; "
+            f"attention={requested!r} cannot run here (needs CUDA, float16/bfloat16 and {needs[requested]}; "
             f"device {device}, dtype {dtype})"
         )
     return requested
@@ -81,13 +84,16 @@ def varlen_attention(
     value: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    token_sequence_index: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
     """Attention within each sequence of a packed stream.
 
-    query, key, value: [T, heads, head_dim]; cu_seqlens: [B+1] int32 on the same device.
-    Returns [T, heads, head_dim].
+    query, key, value: [T, heads, head_dim]; cu_seqlens: [B+1] int32 on the same device;
+    token_sequence_index: [T], the sequence of each token. Returns [T, heads, head_dim].
     """
+    if backend == "triton_packed":
+        return packed_attention(query, key, value, cu_seqlens, token_sequence_index)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 

@@ -63,7 +63,7 @@ class GraphedForward:
         self.memory_pool = torch.cuda.graph_pool_handle()
 
     def accepts(self, host: HostPackedArrays) -> bool:
-        if self.model.attention_backend not in ("flash_attn", "torch_varlen"):
+        if self.model.attention_backend not in ("flash_attn", "torch_varlen", "triton_packed"):
             return False  # the SDPA reference syncs with the host: not capturable
         if host.slots.any():
             return False

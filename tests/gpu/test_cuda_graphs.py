@@ -33,7 +33,7 @@ def requests_of(lengths, rng):
     return [EncoderRequest(ids, mask, parameters={"normalize": False})]
 
 
-@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "triton_packed"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_graph_replays_equal_the_eager_forward(xlmr_base_folder, backend, pooling):
     try:

@@ -194,7 +194,9 @@ def test_sdpa_reference_equals_naive_attention(lengths, seed):
     expected = naive_attention(query, key, value, lengths)
     for actual in (
         sdpa_reference_attention(query, key, value, cu_seqlens, max(lengths)),
-        varlen_attention(query, key, value, cu_seqlens, max(lengths), "sdpa"),
+        varlen_attention(
+            query, key, value, cu_seqlens, max(lengths), torch.repeat_interleave(torch.tensor(lengths)), "sdpa"
+        ),
     ):
         assert actual.shape == (total, heads, head_dim)
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
@@ -213,7 +215,8 @@ def test_attention_backend_on_cpu(requested, dtype, expected):
     [
         ("flash_attn", r"attention='flash_attn' cannot run here .*flash-attn package"),
         ("torch_varlen", r"attention='torch_varlen' cannot run here .*needs CUDA"),
-        ("xformers", r"attention='xformers' is not one of auto, flash_attn, torch_varlen, sdpa"),
+        ("triton_packed", r"attention='triton_packed' cannot run here .*needs CUDA"),
+        ("xformers", r"attention='xformers' is not one of auto, flash_attn, torch_varlen, triton_packed, sdpa"),
     ],
 )
 def test_attention_backend_that_cannot_run_is_a_configuration_error(requested, match):

@@ -1,0 +1,136 @@
+"""Attention over a packed stream whose query tiles span several sequences (Triton language).
+
+flash-attn and PyTorch's varlen kernel give every sequence its own 128-row query tile per head: a
+batch of ~1,000 queries of ~16 tokens launches ~12,000 mostly empty tiles and spends 70% of the
+GEMM time on 1% of the FLOPs (benchmarks/NOTES.md). Here a tile is BLOCK_M consecutive tokens of
+the packed stream, whatever sequences they belong to; it visits only the keys from the start of
+its first token's sequence to the end of its last token's, and masks every key outside a query's
+own sequence (block-diagonal attention). Short sequences fill tiles; a long one costs what it
+would cost in flash-attn.
+
+Non-causal, no dropout, exact softmax (online, float32); the reference is
+`attention.sdpa_reference_attention`, which the GPU tests compare this kernel with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines: the reference path only
+    triton = None
+
+BLOCK_M = 64  # query tokens per tile
+BLOCK_N = 64  # keys per step
+MASKED = -1.0e30  # finite, so a tile whose keys are all masked so far never computes inf - inf
+
+
+def packed_attention_supported(query: torch.Tensor) -> bool:
+    head_dim = query.shape[-1]
+    return (
+        triton is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and 16 <= head_dim <= 256
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _packed_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, sequence_index_ptr, cu_seqlens_ptr,
+        total_tokens, head_dim, scale_log2,
+        stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+        stride_out_token, stride_out_head,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        queries = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] token positions
+        query_valid = queries < total_tokens
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < head_dim
+        # Each query's own sequence [start, end): keys outside it are masked.
+        sequence = tl.load(sequence_index_ptr + queries, mask=query_valid, other=0)
+        own_start = tl.load(cu_seqlens_ptr + sequence, mask=query_valid, other=0)  # [BM]
+        own_end = tl.load(cu_seqlens_ptr + sequence + 1, mask=query_valid, other=0)
+        own_end = tl.where(query_valid, own_end, 0)
+        own_start = tl.where(query_valid, own_start, total_tokens)
+        keys_start = tl.min(own_start, axis=0)
+        keys_end = tl.max(own_end, axis=0)
+
+        rows = queries.to(tl.int64)[:, None]
+        q = tl.load(
+            q_ptr + rows * stride_q_token + head * stride_q_head + dims[None, :],
+            mask=query_valid[:, None] & dim_valid[None, :], other=0.0,
+        )  # [BM, BD]
+        row_max = tl.full((BLOCK_M,), MASKED, dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for block_start in range(keys_start, keys_end, BLOCK_N):
+            keys = block_start + tl.arange(0, BLOCK_N)  # [BN]
+            key_rows = keys.to(tl.int64)[:, None]
+            key_valid = keys < keys_end
+            k = tl.load(
+                k_ptr + key_rows * stride_k_token + head * stride_k_head + dims[None, :],
+                mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
+            )  # [BN, BD]
+            v = tl.load(
+                v_ptr + key_rows * stride_v_token + head * stride_v_head + dims[None, :],
+                mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BM, BN], log2 units
+            same_sequence = (keys[None, :] >= own_start[:, None]) & (keys[None, :] < own_end[:, None])
+            scores = tl.where(same_sequence, scores, MASKED)
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            probabilities = tl.where(same_sequence, tl.exp2(scores - new_max[:, None]), 0.0)
+            correction = tl.exp2(row_max - new_max)
+            row_sum = row_sum * correction + tl.sum(probabilities, axis=1)
+            acc = acc * correction[:, None] + tl.dot(probabilities.to(v.dtype), v)
+            row_max = new_max
+        row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)  # padding rows of the tile see no key
+        out = acc / row_sum[:, None]
+        tl.store(
+            out_ptr + rows * stride_out_token + head * stride_out_head + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=query_valid[:, None] & dim_valid[None, :],
+        )
+
+
+def packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    token_sequence_index: torch.Tensor,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """query, key, value: [T, heads, head_dim] (any strides with a contiguous last dim, e.g. views of
+    one fused QKV output); cu_seqlens: [B+1] int32; token_sequence_index: [T], the sequence of each
+    token (tokens past cu_seqlens[-1] may name an empty sequence). Returns [T, heads, head_dim].
+    The tile sizes and launch options are for benchmarks/attention_bench.py; the defaults are its pick."""
+    total_tokens, num_heads, head_dim = query.shape
+    out = torch.empty(total_tokens, num_heads, head_dim, device=query.device, dtype=query.dtype)
+    if total_tokens == 0:
+        return out
+    for tensor in (query, key, value):
+        if tensor.stride(-1) != 1:
+            raise ValueError("packed_attention needs the head dimension contiguous")
+    grid = (triton.cdiv(total_tokens, block_m), num_heads)
+    _packed_attention_kernel[grid](
+        query, key, value, out, token_sequence_index, cu_seqlens,
+        total_tokens, head_dim, (1.0 / math.sqrt(head_dim)) * 1.4426950408889634,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,105 @@
+"""Attention kernels alone on packed 16k-token batches: flash-attn, PyTorch's varlen_attn and our
+Triton kernel whose query tiles span several sequences (several tile shapes), on the encoder
+benchmark's workloads. Q/K/V are views of one fused [T, 3, heads, head_dim] projection, as the
+encoder passes them. Prints a table (card, date; flash-attn is the baseline) of microseconds per
+call, and each kernel's largest deviation from the SDPA reference on the first batch.
+
+    python benchmarks/attention_bench.py [--heads 12] [--head-dim 64] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "backend_src"), str(Path(__file__).parent)]
+from encoder_bench import draw_lengths  # noqa: E402  the same length distributions
+
+from loraembed.attention import sdpa_reference_attention, varlen_attention  # noqa: E402
+from loraembed.packed_attention_triton import packed_attention  # noqa: E402
+
+# (block_m, block_n, num_warps, num_stages)
+TRITON_SHAPES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run under TRITON_INTERPRET=1
+
+
+def packed_batch(lengths: list[int], heads: int, head_dim: int):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    sequence_index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    qkv = torch.randn(int(cu[-1]), 3, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    return qkv, cu.to(DEVICE), sequence_index.to(DEVICE), max(lengths)
+
+
+def cuda_time_us(fn, repeats: int = 30) -> float:
+    if DEVICE == "cpu":
+        return 1.0
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--workloads", default="queries,passages,long")
+    parser.add_argument("--out", default=None, help="also write the table to DIR/attention-bench.md")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    kernels = {"flash_attn": None, "torch_varlen": None}
+    for shape in TRITON_SHAPES:
+        kernels["triton_packed %dx%d w%d s%d" % shape] = shape
+    lines = [
+        f"# Attention kernels alone ({args.heads} heads x {args.head_dim}, {args.tokens} tokens per batch, bf16)",
+        "",
+        f"card: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU (smoke run)'}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}",
+        "",
+        "| workload | kernel | µs per call | vs flash_attn | max abs error vs SDPA |",
+        "|---|---|---|---|---|",
+    ]
+    for workload in args.workloads.split(","):
+        lengths = draw_lengths(workload, args.tokens, rng)
+        while sum(lengths) > args.tokens:
+            lengths.pop()
+        qkv, cu, sequence_index, longest = packed_batch(lengths, args.heads, args.head_dim)
+        q, k, v = qkv.unbind(1)
+        reference = sdpa_reference_attention(q.float(), k.float(), v.float(), cu, longest)
+        baseline = None
+        for name, shape in kernels.items():
+            try:
+                if shape is None:
+                    call = lambda name=name: varlen_attention(q, k, v, cu, longest, sequence_index, name)  # noqa: E731
+                else:
+                    call = lambda shape=shape: packed_attention(q, k, v, cu, sequence_index, *shape)  # noqa: E731
+                error = float((call().float() - reference).abs().max())
+                micros = cuda_time_us(call)
+            except Exception as failure:  # e.g. flash-attn missing, or a tile shape out of shared memory
+                print(f"{workload} {name}: {type(failure).__name__}: {str(failure)[:200]}", file=sys.stderr)
+                continue
+            baseline = baseline or micros
+            lines.append(f"| {workload} ({len(lengths)} seqs) | {name} | {micros:.1f} | {baseline / micros:.2f}x | {error:.1e} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out, "attention-bench.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
