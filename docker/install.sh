@@ -127,7 +127,9 @@ if flash:
 if mode in ("prebuilt", "source"):
     assert flash, f"FLASH_ATTN={mode} but flash_attn is not importable"
 varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
-attention = "flash_attn" if flash else "torch_varlen (PyTorch varlen_attn)" if varlen else "sdpa (pads every batch: slow)"
+triton_lang = importlib.util.find_spec("triton") is not None  # ships with torch's CUDA wheels
+attention = ("triton_packed" if triton_lang else "flash_attn" if flash
+             else "torch_varlen (PyTorch varlen_attn)" if varlen else "sdpa (pads every batch: slow)")
 print(f"install.sh: ok: Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"numpy {numpy.__version__}, loraembed at {loraembed.__file__}; attention on GPU: {attention}")
 # pip check covers the whole environment (a base image brings its own packages); only a broken

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from .errors import ConfigurationError
 from .packed_attention_triton import packed_attention, triton
 
-ATTENTION_BACKENDS = ("flash_attn", "torch_varlen", "triton_packed", "sdpa")
+# `auto` takes the first that can run. Measured on an H100 (benchmarks/attention_bench.py, 16k-token
+# batches, 2026-11-27): triton_packed 2.7x flash-attn on queries, 1.1x on passages, even on
+# 400-token texts; flash-attn and varlen_attn next (the same FlashAttention-2 algorithm).
+ATTENTION_BACKENDS = ("triton_packed", "flash_attn", "torch_varlen", "sdpa")
 
 
 def _flash_attn_available() -> bool:

@@ -26,7 +26,7 @@ except ImportError:  # CPU machines: the reference path only
 
 BLOCK_M = 64  # query tokens per tile
 BLOCK_N = 64  # keys per step
-MASKED = -1.0e30  # finite, so a tile whose keys are all masked so far never computes inf - inf
+MASKED_SCORE = -1.0e30  # finite, so a tile whose keys are all masked so far never computes inf - inf
 
 
 def packed_attention_supported(query: torch.Tensor) -> bool:
@@ -40,6 +40,7 @@ def packed_attention_supported(query: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    MASKED = tl.constexpr(MASKED_SCORE)
 
     @triton.jit
     def _packed_attention_kernel(
@@ -111,7 +112,7 @@ def packed_attention(
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """query, key, value: [T, heads, head_dim] (any strides with a contiguous last dim, e.g. views of
     one fused QKV output); cu_seqlens: [B+1] int32; token_sequence_index: [T], the sequence of each
