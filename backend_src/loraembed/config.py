@@ -177,7 +177,7 @@ class ServingConfig:
             "max_batch_tokens": lambda v: _parse_int("max_batch_tokens", v, 1),
             "max_seq_len": lambda v: _parse_int("max_seq_len", v, 0),
             "attention": lambda v: _parse_choice(
-                "attention", v, ("auto", "flash_attn", "torch_varlen", "triton_packed", "sdpa")
+                "attention", v, ("auto", "triton_packed", "flash_attn", "torch_varlen", "sdpa")
             ),
             "adapter_root": str,
             "adapter_preload": _parse_id_list,

@@ -131,7 +131,7 @@ def test_unknown_parameter_names_are_rejected():
     [
         ("dtype", "fp8", r"dtype='fp8' is not one of auto, bfloat16, float16, float32"),
         ("pooling", "max", r"pooling='max' is not one of auto, cls, mean"),
-        ("attention", "xformers", r"attention='xformers' is not one of auto, flash_attn, torch_varlen, triton_packed, sdpa"),
+        ("attention", "xformers", r"attention='xformers' is not one of auto, triton_packed, flash_attn, torch_varlen, sdpa"),
         ("normalize", "maybe", r"normalize='maybe' is not a boolean"),
         ("allow_hub_adapters", "sure", r"allow_hub_adapters='sure' is not a boolean"),
         ("max_batch_tokens", "lots", r"max_batch_tokens='lots' is not an integer"),

@@ -216,7 +216,7 @@ def test_attention_backend_on_cpu(requested, dtype, expected):
         ("flash_attn", r"attention='flash_attn' cannot run here .*flash-attn package"),
         ("torch_varlen", r"attention='torch_varlen' cannot run here .*needs CUDA"),
         ("triton_packed", r"attention='triton_packed' cannot run here .*needs CUDA"),
-        ("xformers", r"attention='xformers' is not one of auto, flash_attn, torch_varlen, triton_packed, sdpa"),
+        ("xformers", r"attention='xformers' is not one of auto, triton_packed, flash_attn, torch_varlen, sdpa"),
     ],
 )
 def test_attention_backend_that_cannot_run_is_a_configuration_error(requested, match):
