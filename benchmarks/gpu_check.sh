@@ -7,6 +7,7 @@
 #
 #   tests       pytest tests/gpu (or the given pytest arguments), log OUT/gpu-tests.log
 #   attention   benchmarks/attention_bench.py for XLM-R base and large head shapes
+#   linear_gelu benchmarks/linear_gelu_bench.py
 #   encoder     benchmarks/encoder_bench.py with the given arguments (default: everything), --out OUT
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,6 +39,10 @@ for step in "$@"; do
                 >"$OUT/attention-bench.md" 2>"$OUT/attention-bench.err"
             note "attention bench: rc=$?"
             ;;
+        linear_gelu)
+            python3 benchmarks/linear_gelu_bench.py >"$OUT/linear-gelu-bench.md" 2>"$OUT/linear-gelu-bench.err"
+            note "linear_gelu bench: rc=$?"
+            ;;
         encoder)
             # shellcheck disable=SC2086
             python3 benchmarks/encoder_bench.py --out "$OUT" $arguments >"$OUT/encoder-bench.log" 2>&1
@@ -47,5 +52,5 @@ for step in "$@"; do
     esac
 done
 # Few files come back comfortably: the kernel profiles and plots go in one archive.
-(cd "$OUT" && shopt -s nullglob && extra=(profile-*.txt ./*.png ./*.json) && ((${#extra[@]})) && tar czf extras.tgz "${extra[@]}" && rm -f "${extra[@]}")
+(cd "$OUT" && shopt -s nullglob && extra=(profile-*.txt *.err ./*.png ./*.json) && ((${#extra[@]})) && tar czf extras.tgz "${extra[@]}" && rm -f "${extra[@]}")
 printf '%s\n' "${summary[@]}"
