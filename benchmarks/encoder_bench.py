@@ -206,6 +206,14 @@ def measure_engine(
             mask[row, : len(tokens)] = 1
         requests.append(EncoderRequest(ids, mask, adapter_ids[start : start + 32]))
     engine_seconds = timed(lambda: engine.embed(requests), repeats)
+    if profile_file is not None:  # the device kernels of embed() (CUDA graphs where they apply)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            engine.embed(requests)
+            synchronize()
+        table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        profile_file.with_name(profile_file.stem + "-engine.txt").write_text(table)
     if profile_file is not None:  # where the host's time goes in embed() (Python functions)
         import cProfile
         import io
