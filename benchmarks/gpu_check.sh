@@ -7,7 +7,6 @@
 #
 #   tests       pytest tests/gpu (or the given pytest arguments), log OUT/gpu-tests.log
 #   attention   benchmarks/attention_bench.py for XLM-R base and large head shapes
-#   linear_gelu benchmarks/linear_gelu_bench.py
 #   encoder     benchmarks/encoder_bench.py with the given arguments (default: everything), --out OUT
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,10 +37,6 @@ for step in "$@"; do
             { python3 benchmarks/attention_bench.py --heads 12 && python3 benchmarks/attention_bench.py --heads 16 --workloads passages,long; } \
                 >"$OUT/attention-bench.md" 2>"$OUT/attention-bench.err"
             note "attention bench: rc=$?"
-            ;;
-        linear_gelu)
-            python3 benchmarks/linear_gelu_bench.py >"$OUT/linear-gelu-bench.md" 2>"$OUT/linear-gelu-bench.err"
-            note "linear_gelu bench: rc=$?"
             ;;
         encoder)
             # shellcheck disable=SC2086
