@@ -7,14 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import varlen_attention
 from .checkpoint import normalize_checkpoint_keys, read_state_dict
 from .config import EncoderConfig
 from .errors import CheckpointError
-from .fused_ops import add_layer_norm
+from .fused_ops import ACTIVATIONS, LoraDelta, add_layer_norm, add_lora_activation
 from .packing import PackedBatch
 
 # The one fusion table (vLLM's packed_modules_mapping): a fused module and the checkpoint modules
@@ -23,16 +22,19 @@ FUSED_PROJECTIONS = {
     "attention.self.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
 }
 
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact (erf), as HF's "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+
+def _add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, lora: LoraDelta | None = None
+) -> torch.Tensor:
+    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, lora)
 
 
-def _add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+def _linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LoraDelta | None]:
+    """The linear's output and a LoRA delta still to be added to it: None for a plain `nn.Linear`.
+    The LoRA layers (lora/layers.py, swapped in from outside) return one so that the consumer's
+    elementwise kernel adds it in the pass it makes anyway."""
+    forward_deferred = getattr(linear, "forward_deferred", None)
+    return (linear(x), None) if forward_deferred is None else forward_deferred(x)
 
 
 class Embeddings(nn.Module):
@@ -92,6 +94,7 @@ class Layer(nn.Module):
         self.output = Output(config)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.hidden_act = config.hidden_act
         self.activation = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str) -> torch.Tensor:
@@ -101,10 +104,15 @@ class Layer(nn.Module):
         context = varlen_attention(
             query, key, value, batch.cu_seqlens, batch.max_seqlen, batch.token_sequence_index, attention_backend
         )
-        attended = self.attention.output.dense(context.reshape(total_tokens, hidden_size))  # [T, H]
-        hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm)
-        intermediate = self.activation(self.intermediate.dense(hidden))  # [T, I]
-        return _add_layer_norm(self.output.dense(intermediate), hidden, self.output.LayerNorm)  # [T, H]
+        attended, lora = _linear(self.attention.output.dense, context.reshape(total_tokens, hidden_size))  # [T, H]
+        hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm, lora)
+        intermediate, lora = _linear(self.intermediate.dense, hidden)  # [T, I]
+        if lora is None:
+            intermediate = self.activation(intermediate)
+        else:
+            intermediate = add_lora_activation(intermediate, lora, self.hidden_act)
+        output, lora = _linear(self.output.dense, intermediate)  # [T, H]
+        return _add_layer_norm(output, hidden, self.output.LayerNorm, lora)  # [T, H]
 
 
 class LayerStack(nn.Module):

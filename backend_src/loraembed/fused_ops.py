@@ -1,7 +1,16 @@
 """Fused elementwise operations of the encoder, each behind one entry point: a Triton-language
-kernel on CUDA, the plain PyTorch reference elsewhere (and in the tests that check the kernel)."""
+kernel on CUDA, the plain PyTorch reference elsewhere (and in the tests that check the kernel).
+
+Two of them can also add a pending LoRA delta (`LoraDelta`) in the same pass: the LoRA layers
+(lora/layers.py) run the base GEMM and the shrink, and hand the expand to the elementwise kernel
+that reads the GEMM's output anyway, instead of a read-modify-write of that output:
+`add_lora_activation` (the GELU after intermediate.dense) and `add_layer_norm`'s `lora` argument
+(the residual + LayerNorm after attention.output.dense and output.dense).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +21,76 @@ try:
 except ImportError:  # CPU machines: the reference path only
     triton = None
 
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact (erf), as HF's "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "identity": lambda x: x,  # add_lora_activation(x, lora, "identity"): only the delta
+}
+# The kernel's code for each activation (a constexpr: one compiled variant per activation).
+_ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
+LORA_LAYER_NORM_MAX_BLOCK = 1024  # whole rows of ROWS_PER_LORA_NORM rows in registers
+ROWS_PER_LORA_NORM = 16  # tl.dot needs at least 16 rows
+# Ranks go through the dots in chunks of 16 (tl.dot's smallest K; zero-padded beyond the rank):
+# bounded shared memory and registers whatever the rank (ptxas on sm_90: no spills, <= 118 registers).
+LORA_RANK_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """A LoRA delta not yet added to a linear's output [T, out]: row t gets
+    `shrunk[t, :rank] @ lora_b[token_slots[t]].T`, and nothing where token_slots[t] == 0 (the
+    base model; those rows of `shrunk` are never read and may hold anything)."""
+
+    shrunk: torch.Tensor  # [T, >= rank] float32, x @ A[slot].T (lora/sgmv_triton.py's shrink)
+    lora_b: torch.Tensor  # [slots, out, rank], scaling folded in, zero-padded beyond each slot's rank
+    token_slots: torch.Tensor  # [T] int32
+
+    @property
+    def rank(self) -> int:
+        return self.lora_b.shape[2]
+
+
+def lora_delta_reference(lora: LoraDelta) -> torch.Tensor:
+    """The delta [T, out] in shrunk's dtype (float32; float64 in float64 tests), one matmul per slot
+    present (syncs with the host: reference only)."""
+    shrunk = lora.shrunk
+    delta = torch.zeros(shrunk.shape[0], lora.lora_b.shape[1], device=shrunk.device, dtype=shrunk.dtype)
+    for slot in lora.token_slots.unique().tolist():
+        if slot == 0:
+            continue
+        rows = lora.token_slots == slot
+        delta[rows] = shrunk[rows, : lora.rank] @ lora.lora_b[slot].to(shrunk.dtype).T
+    return delta
+
 
 def add_layer_norm_reference(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+
+
+def add_lora_activation_reference(x: torch.Tensor, lora: LoraDelta, activation: str) -> torch.Tensor:
+    # The unfused path's roundings: the delta is added into the GEMM's output dtype, then activated.
+    delta = lora_delta_reference(lora)
+    return ACTIVATIONS[activation]((x.to(delta.dtype) + delta).to(x.dtype))
+
+
+def _on_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+def _lora_kernel_supported(x: torch.Tensor, lora: LoraDelta) -> bool:
+    return (
+        _on_triton(x)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and lora.lora_b.dtype == x.dtype
+        and lora.rank <= 128
+        and lora.shrunk.dtype == torch.float32
+        and lora.shrunk.stride(1) == 1
+        and lora.lora_b.stride(2) == 1
+    )
 
 
 if triton is not None:
@@ -42,11 +116,130 @@ if triton is not None:
         bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         tl.store(out_ptr + offsets, (normalized * weight + bias).to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _lora_delta(
+        rows, slots, cols, col_mask, shrunk_ptr, b_ptr, rank, stride_shrunk, stride_b_slot, stride_b_row,
+        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """The LoRA delta [BLOCK_ROWS, BLOCK_COLS] float32 of rows `rows` (int64) with adapter slots
+        `slots`, columns `cols`: one pass of dots per distinct slot among the rows (usually one; two
+        or three where segments meet). Rows of other slots load a zero `shrunk`, so those dots add
+        nothing to them; slot-0 rows are never loaded, and a block of base rows does no dot at all.
+        The rank goes in chunks of BLOCK_R (bounded shared memory for wide rows)."""
+        delta = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+        slot = tl.min(tl.where(slots > 0, slots, 2147483647), axis=0)  # smallest adapter slot present
+        while slot < 2147483647:
+            in_slot = slots == slot
+            b_slot = b_ptr + slot.to(tl.int64) * stride_b_slot
+            for rank_start in range(0, rank, BLOCK_R):
+                ranks = rank_start + tl.arange(0, BLOCK_R)
+                rank_mask = ranks < rank
+                shrunk = tl.load(
+                    shrunk_ptr + rows[:, None] * stride_shrunk + ranks[None, :],
+                    mask=in_slot[:, None] & rank_mask[None, :], other=0.0,
+                )  # [BLOCK_ROWS, BLOCK_R] float32
+                b_tile = tl.load(
+                    b_slot + cols[None, :] * stride_b_row + ranks[:, None],
+                    mask=rank_mask[:, None] & col_mask[None, :], other=0.0,
+                )  # [BLOCK_R, BLOCK_COLS]
+                delta = tl.dot(shrunk.to(b_tile.dtype), b_tile, delta)
+            slot = tl.min(tl.where(slots > slot, slots, 2147483647), axis=0)  # the next slot present
+        return delta
+
+    # n_rows changes with every batch: no specialization on it (one compiled variant, not three).
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _add_lora_activation_kernel(
+        x_ptr, shrunk_ptr, b_ptr, slots_ptr, out_ptr, n_rows, n_cols, rank,
+        stride_x, stride_shrunk, stride_b_slot, stride_b_row, stride_out,
+        ACTIVATION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        row_mask = rows < n_rows
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows = rows.to(tl.int64)
+        slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)  # [BT]
+        value = _lora_delta(
+            rows, slots, cols, col_mask, shrunk_ptr, b_ptr, rank, stride_shrunk, stride_b_slot, stride_b_row,
+            BLOCK_T, BLOCK_N, BLOCK_R,
+        )
+        value += tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ACTIVATION == 1:  # exact GELU (erf), as F.gelu
+            value = 0.5 * value * (1.0 + tl.math.erf(value * 0.7071067811865476))
+        elif ACTIVATION == 2:  # tanh GELU: 0.5 v (1 + tanh(z)) = v sigmoid(2z)
+            inner = 0.7978845608028654 * (value + 0.044715 * value * value * value)
+            value = value * tl.sigmoid(2.0 * inner)
+        elif ACTIVATION == 3:
+            value = tl.maximum(value, 0.0)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _add_lora_layer_norm_kernel(
+        x_ptr, residual_ptr, weight_ptr, bias_ptr, shrunk_ptr, b_ptr, slots_ptr, out_ptr,
+        n_rows, n_cols, rank, eps, stride_shrunk, stride_b_slot, stride_b_row,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # _add_layer_norm_kernel with the LoRA delta added to x + residual before the statistics.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+        cols = tl.arange(0, BLOCK)  # [BLOCK]
+        row_mask = rows < n_rows
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows = rows.to(tl.int64)
+        slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)  # [ROWS]
+        summed = _lora_delta(
+            rows, slots, cols, col_mask, shrunk_ptr, b_ptr, rank, stride_shrunk, stride_b_slot, stride_b_row,
+            ROWS, BLOCK, BLOCK_R,
+        )
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        summed += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        summed += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(summed, axis=1)[:, None] / n_cols
+        centered = tl.where(mask, summed - mean, 0.0)
+        variance = tl.sum(centered * centered, axis=1)[:, None] / n_cols
+        normalized = centered * tl.rsqrt(variance + eps)
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offsets, (normalized * weight + bias).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_lora_activation(x: torch.Tensor, lora: LoraDelta, activation: str) -> torch.Tensor:
+    """activation(x + LoRA delta), x: [T, out] (a linear's output, whose memory is reused: do not
+    read x afterwards). One pass over x on CUDA; `activation` is a name of ACTIVATIONS."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if not _lora_kernel_supported(x, lora):
+        return add_lora_activation_reference(x, lora, activation)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    n_rows, n_cols = x.shape
+    if n_rows == 0:
+        return x
+    block_t, block_n = 64, 128
+    grid = (triton.cdiv(n_rows, block_t), triton.cdiv(n_cols, block_n))
+    _add_lora_activation_kernel[grid](
+        x, lora.shrunk, lora.lora_b, lora.token_slots, x, n_rows, n_cols, lora.rank,
+        x.stride(0), lora.shrunk.stride(0), lora.lora_b.stride(0), lora.lora_b.stride(1), x.stride(0),
+        ACTIVATION=_ACTIVATION_CODES[activation], BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=LORA_RANK_CHUNK,
+        num_warps=8, num_stages=1,
+    )
+    return x
+
 
 def add_layer_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    lora: LoraDelta | None = None,
 ) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last dim; x, residual: [T, H]. One pass over memory on CUDA."""
+    """LayerNorm(x + lora delta + residual) over the last dim; x, residual: [T, H]. One pass over
+    memory on CUDA (with a LoRA delta: hidden sizes up to LORA_LAYER_NORM_MAX_BLOCK)."""
+    if lora is not None:
+        if _lora_kernel_supported(x, lora) and x.shape[-1] <= LORA_LAYER_NORM_MAX_BLOCK and x.shape[0] > 0:
+            return _add_lora_layer_norm(x, residual, weight, bias, eps, lora)
+        x = add_lora_activation(x, lora, "identity")  # the delta in its own pass, then the plain kernel
     if triton is None or not x.is_cuda or x.shape[-1] > 8192:
         return add_layer_norm_reference(x, residual, weight, bias, eps)
     x, residual = x.contiguous(), residual.contiguous()
@@ -58,5 +251,19 @@ def add_layer_norm(
     _add_layer_norm_kernel[grid](
         x, residual, weight, bias, out, n_rows, n_cols, eps,
         BLOCK=block, ROWS=rows_per_program, num_warps=4 if block <= 1024 else 8,
+    )
+    return out
+
+
+def _add_lora_layer_norm(x, residual, weight, bias, eps, lora: LoraDelta) -> torch.Tensor:
+    x, residual = x.contiguous(), residual.contiguous()
+    n_rows, n_cols = x.shape
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(n_cols)
+    _add_lora_layer_norm_kernel[(triton.cdiv(n_rows, ROWS_PER_LORA_NORM),)](
+        x, residual, weight, bias, lora.shrunk, lora.lora_b, lora.token_slots, out,
+        n_rows, n_cols, lora.rank, eps, lora.shrunk.stride(0), lora.lora_b.stride(0), lora.lora_b.stride(1),
+        BLOCK=block, ROWS=ROWS_PER_LORA_NORM, BLOCK_R=LORA_RANK_CHUNK, num_warps=16 if block >= 1024 else 8,
+        num_stages=1,
     )
     return out

@@ -9,6 +9,15 @@ targets it, sized by the largest rank loaded into it so far; until then it is th
 
 The fused Q/K/V projection takes the LoRA of `query`, `key` and `value` in its three output
 slices, routed by `encoder.FUSED_PROJECTIONS` (vLLM's packed_modules_mapping).
+
+How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing syncs in the forward):
+- every row one adapter (no base rows): each linear merges W + B A of that slot into a scratch
+  weight (one batched addmm) and runs one GEMM: no shrink, no expand;
+- mixed adapters (and base rows): the base GEMM, the shrink over a block table, and the expand,
+  which `forward_deferred` hands to the consumer's elementwise kernel (`fused_ops.LoraDelta`):
+  the GELU pass for intermediate.dense, residual + LayerNorm for the two other dense layers. The
+  fused Q/K/V output goes to attention, so its expand still accumulates into it;
+- on the CPU, per-segment PyTorch matmuls (`apply_segmented_lora`), the reference.
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import FUSED_PROJECTIONS, PackedEncoder
+from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
 from .segmented import apply_segmented_lora
-from .sgmv_triton import build_block_table, sgmv_lora, sgmv_supported
+from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_shrink, sgmv_supported
 
 # Linear modules under `encoder.layer.{i}.` that take LoRA -> the PEFT modules whose output
 # features they hold, in order (one, or several for a fused projection).
@@ -77,7 +87,19 @@ class LoraBatchState:
     """What the wrapped linears need to know about the batch being run (shared by all of them)."""
 
     segments: tuple[AdapterSegment, ...] = field(default_factory=tuple)
-    block_table: torch.Tensor | None = None  # for the GPU kernels; see sgmv_triton.build_block_table
+    slot_bits: int = 0  # bit s set: some token of the batch uses slot s
+    block_table: torch.Tensor | None = None  # for the shrink/expand; see sgmv_triton.build_block_table
+    token_slots: torch.Tensor | None = None  # [T] int32, set when expands are deferred to consumers
+    merged_slot: int | None = None  # every token uses this slot: merge W + B A per linear
+    merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
+
+    def merge_buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        """A scratch [out, in] weight shared by the linears of that shape: they run one after the
+        other on one stream, so each merge is read by its GEMM before the next overwrites it."""
+        key = (tuple(weight.shape), weight.dtype, weight.device)
+        if key not in self.merge_buffers:
+            self.merge_buffers[key] = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return self.merge_buffers[key]
 
 
 class SegmentedLoraLinear(nn.Linear):
@@ -96,6 +118,7 @@ class SegmentedLoraLinear(nn.Linear):
         self.lora_b: tuple[torch.Tensor, ...] = ()  # per slice [slots, width, rank_capacity]
         self.slot_ranks = [[0] * num_slots for _ in slice_widths]  # host copy: rank per slice, slot
         self.slot_has_lora = [False] * num_slots
+        self.lora_slot_bits = 0  # bit s set: slot s holds LoRA here (one test per linear and batch)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, slices={self.slice_widths}, rank_capacity={self.rank_capacity}"
@@ -134,6 +157,7 @@ class SegmentedLoraLinear(nn.Linear):
         b_stack[slot, :, :rank] = scaled_lora_b.to(b_stack.device, b_stack.dtype)
         self.slot_ranks[slice_index][slot] = rank
         self.slot_has_lora[slot] = True
+        self.lora_slot_bits |= 1 << slot
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
@@ -143,26 +167,57 @@ class SegmentedLoraLinear(nn.Linear):
         for ranks in self.slot_ranks:
             ranks[slot] = 0
         self.slot_has_lora[slot] = False
+        self.lora_slot_bits &= ~(1 << slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = F.linear(x, self.weight, self.bias)  # [T, out]
-        if self.rank_capacity == 0:
-            return output
+        """The linear's output with the LoRA of each token's slot added (the fused Q/K/V path)."""
+        return self.forward_deferred(x, defer=False)[0]
+
+    def forward_deferred(self, x: torch.Tensor, defer: bool = True) -> tuple[torch.Tensor, LoraDelta | None]:
+        """(output, LoRA delta still to add to it, or None). The encoder's layer asks for this where
+        the output's consumer is a `fused_ops` kernel that adds the delta in its own pass; the
+        delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`)."""
         state = self.batch_state
-        if not any(self.slot_has_lora[segment.slot] for segment in state.segments):
-            return output
+        if not self.lora_slot_bits & state.slot_bits:
+            return F.linear(x, self.weight, self.bias), None  # [T, out]
+        if state.merged_slot is not None:
+            return F.linear(x, self._merged_weight(state.merged_slot), self.bias), None
+        output = F.linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
             state.block_table is not None
             and all(w == width for w in self.slice_widths)
-            and sgmv_supported(x, width, self.rank_capacity)
+            and (not x.is_cuda or sgmv_supported(x, width, self.rank_capacity))
         ):
-            # Fast path: two Triton launches for all segments and slices (reference below).
-            sgmv_lora(x, output, self.lora_a_cat, self.lora_b_cat, self.rank_capacity, width, state.block_table)
-            return output
+            # Two Triton launches for all segments and slices; one when the consumer expands.
+            shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
+            if defer and state.token_slots is not None and len(self.slice_widths) == 1:
+                return output, LoraDelta(shrunk, self.lora_b_cat, state.token_slots)
+            lora_expand(shrunk, output, self.lora_b_cat, self.rank_capacity, width, state.block_table)
+            return output, None
         segments = [segment for segment in state.segments if self.slot_has_lora[segment.slot]]
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
-        return output
+        return output, None
+
+    def _merged_weight(self, slot: int) -> torch.Tensor:
+        """W + B[slot] A[slot] per output slice, into the shared scratch weight [out, in]."""
+        merged = self.batch_state.merge_buffer(self.weight)
+        slices, rank = len(self.slice_widths), self.rank_capacity
+        if all(width == self.slice_widths[0] for width in self.slice_widths):  # one launch for all slices
+            width = self.slice_widths[0]
+            torch.baddbmm(
+                self.weight.view(slices, width, self.in_features),
+                self.lora_b_cat[slot].view(slices, width, rank),
+                self.lora_a_cat[slot].view(slices, rank, self.in_features),
+                out=merged.view(slices, width, self.in_features),
+            )
+            return merged
+        row = 0
+        for index, width in enumerate(self.slice_widths):
+            torch.addmm(self.weight[row : row + width], self.lora_b[index][slot], self.lora_a[index][slot],
+                        out=merged[row : row + width])
+            row += width
+        return merged
 
 
 class LoraLayers:
@@ -175,6 +230,12 @@ class LoraLayers:
     def __init__(self, model: PackedEncoder, num_slots: int):
         self.num_slots = num_slots
         self.device = model.embeddings.word_embeddings.weight.device
+        # How batches are planned (see the module docstring): on by default where the Triton kernels
+        # run; off, the CPU runs the per-segment reference. Tests and benchmarks switch them.
+        on_gpu = self.device.type == "cuda"
+        self.use_block_tables = on_gpu  # shrink/expand over a block table (kernels; references on the CPU)
+        self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
+        self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self.linears: dict[str, SegmentedLoraLinear] = {}
@@ -210,14 +271,21 @@ class LoraLayers:
                 linear.clear_slot(slot)
 
     def activate(self, segments: tuple[AdapterSegment, ...]) -> None:
-        self.batch_state.segments = segments
-        self.batch_state.block_table = None
-        if self.device.type == "cuda" and any(segment.slot for segment in segments):
-            self.batch_state.block_table = build_block_table(segments, self.device)
+        """Plan the batch about to run (host only; one host-to-device copy when it uses tables)."""
+        state = self.batch_state
+        state.segments = segments
+        state.block_table = state.token_slots = state.merged_slot = None
+        used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
+        state.slot_bits = sum(1 << slot for slot in used)
+        if not used - {0}:
+            return
+        if self.merge_single_adapter and len(used) == 1:
+            state.merged_slot = next(iter(used))
+        elif self.use_block_tables:
+            state.block_table, state.token_slots = build_lora_batch_tables(segments, self.device, self.defer_expand)
 
     def deactivate(self) -> None:
-        self.batch_state.segments = ()
-        self.batch_state.block_table = None
+        self.activate(())
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Segmented LoRA: each contiguous run of tokens of a packed batch gets its own adapter's delta.
 
 One entry point, `apply_segmented_lora`. This is the reference path (any device, plain PyTorch
-matmuls per segment); a fused GPU kernel (punica's SGMV shrink/expand, as vLLM uses) will sit behind
-the same function and be tested against it.
+matmuls per segment); the GPU kernels (punica's SGMV shrink/expand, as vLLM uses, in
+`sgmv_triton.py`) are tested against it. `shrink_reference` / `expand_reference` are the same
+math split in two over a block table, the kernels' own interface, for the CPU.
 """
 
 from __future__ import annotations
@@ -49,3 +50,25 @@ def apply_segmented_lora(
         column += width
     if column != output.shape[1]:
         raise ValueError(f"lora_b slices cover {column} output features, the output has {output.shape[1]}")
+
+
+def shrink_reference(x: torch.Tensor, lora_a_cat: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """`sgmv_triton.sgmv_shrink` in PyTorch (syncs with the host): [T, slices * R] float32; rows of
+    tokens in no block are NaN, so a consumer that reads them shows it."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 models
+    shrunk = torch.full((x.shape[0], lora_a_cat.shape[1]), float("nan"), device=x.device, dtype=dtype)
+    for start, end, slot in block_table.tolist():
+        shrunk[start:end] = x[start:end].to(dtype) @ lora_a_cat[slot].to(dtype).T
+    return shrunk
+
+
+def expand_reference(
+    shrunk: torch.Tensor, output: torch.Tensor, lora_b_cat: torch.Tensor, rank: int, slice_width: int,
+    block_table: torch.Tensor,
+) -> None:
+    """`sgmv_triton.sgmv_expand` in PyTorch (syncs with the host), in place."""
+    for start, end, slot in block_table.tolist():
+        for index, column in enumerate(range(0, lora_b_cat.shape[1], slice_width)):
+            columns = slice(column, column + slice_width)
+            delta = shrunk[start:end, index * rank : (index + 1) * rank] @ lora_b_cat[slot, columns].to(shrunk.dtype).T
+            output[start:end, columns] = (output[start:end, columns].to(shrunk.dtype) + delta).to(output.dtype)

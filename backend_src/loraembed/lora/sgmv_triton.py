@@ -8,12 +8,19 @@ blocks and cost nothing.
 - shrink: shrunk[t, :] = x[t, :] @ A_cat[slot].T, one launch for all output slices of a fused
   projection (q | k | v), so the activations are read once.
 - expand: output[t, slice i] += shrunk[t, i*R:(i+1)*R] @ B_cat[slot, slice i].T, accumulated in
-  place into the base linear's output (no separate add).
+  place into the base linear's output (no separate add). Where the output's consumer is an
+  elementwise kernel (GELU, residual + LayerNorm), the layers skip this read-modify-write and hand
+  the shrunk rows to that kernel instead (`fused_ops.LoraDelta`, indexed by per-token slots).
+
+`lora_shrink` / `lora_expand` pick the kernel on CUDA and the block-table reference elsewhere.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .segmented import expand_reference, shrink_reference
 
 try:
     import triton
@@ -26,18 +33,35 @@ BLOCK_T = 64
 
 def build_block_table(segments, device: torch.device) -> torch.Tensor | None:
     """[blocks, 3] int32 (token start, token end, slot) for every non-base segment; None if none."""
-    rows = []
-    for segment in segments:
-        if segment.slot == 0:
-            continue
-        for start in range(segment.token_start, segment.token_end, BLOCK_T):
-            rows.append((start, min(start + BLOCK_T, segment.token_end), segment.slot))
-    if not rows:
-        return None
-    table = torch.tensor(rows, dtype=torch.int32)
+    return build_lora_batch_tables(segments, device, with_token_slots=False)[0]
+
+
+def build_lora_batch_tables(
+    segments, device: torch.device, with_token_slots: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The block table (see build_block_table) and, if asked, the slot of every token [T] int32
+    (0 = base), in one host-to-device copy; (None, None) when no token uses an adapter."""
+    runs = [(s.slot, s.token_start, s.token_end) for s in segments if s.slot and s.token_end > s.token_start]
+    if not runs:
+        return None, None
+    slots, starts, ends = (np.array(column, dtype=np.int64) for column in zip(*runs))
+    counts = (ends - starts + BLOCK_T - 1) // BLOCK_T  # blocks per segment
+    block_in_segment = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    block_starts = np.repeat(starts, counts) + BLOCK_T * block_in_segment
+    block_ends = np.minimum(block_starts + BLOCK_T, np.repeat(ends, counts))
+    table = np.stack([block_starts, block_ends, np.repeat(slots, counts)], 1)  # [blocks, 3]
+    table_size = -(-table.size // 4) * 4  # the token slots start 16-byte aligned (kernel pointer alignment)
+    parts = [table.ravel(), np.zeros(table_size - table.size, dtype=np.int64)]
+    if with_token_slots:
+        token_slots = np.zeros(max(s.token_end for s in segments), dtype=np.int64)
+        for slot, start, end in runs:
+            token_slots[start:end] = slot
+        parts.append(token_slots)
+    flat = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     if device.type == "cuda":
-        table = table.pin_memory()
-    return table.to(device, non_blocking=True)
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return flat[: table.size].view(-1, 3), flat[table_size:] if with_token_slots else None
 
 
 if triton is not None:
@@ -121,6 +145,38 @@ def sgmv_supported(x: torch.Tensor, slice_width: int, rank: int) -> bool:
     )
 
 
+def sgmv_shrink(x: torch.Tensor, lora_a_cat: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """shrunk [T, slices * R] float32: x[t] @ A_cat[slot of t's block].T for every block's tokens; rows
+    of tokens in no block (base tokens) are left unwritten. x: [T, in]; lora_a_cat: [slots, slices * R, in]."""
+    rank_total = lora_a_cat.shape[1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    shrunk = torch.empty(x.shape[0], rank_total, device=x.device, dtype=torch.float32)  # [T, slices * R]
+    block_r = min(64, max(16, triton.next_power_of_2(rank_total)))
+    _sgmv_shrink_kernel[(block_table.shape[0], triton.cdiv(rank_total, block_r))](
+        x, lora_a_cat, shrunk, block_table,
+        x.shape[1], rank_total,
+        x.stride(0), lora_a_cat.stride(0), lora_a_cat.stride(1), shrunk.stride(0),
+        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64, num_warps=4,
+    )
+    return shrunk
+
+
+def sgmv_expand(
+    shrunk: torch.Tensor, output: torch.Tensor, lora_b_cat: torch.Tensor, rank: int, slice_width: int,
+    block_table: torch.Tensor,
+) -> None:
+    """output[t, slice i] += shrunk[t, i*rank:(i+1)*rank] @ B_cat[slot, slice i].T, in place, for
+    every block's tokens. lora_b_cat: [slots, slices * slice_width, rank] (scaling folded in)."""
+    out_features = lora_b_cat.shape[1]
+    block_n = _column_block(slice_width)
+    _sgmv_expand_kernel[(block_table.shape[0], out_features // block_n)](
+        shrunk, lora_b_cat, output, block_table,
+        out_features, rank, slice_width,
+        shrunk.stride(0), lora_b_cat.stride(0), lora_b_cat.stride(1), output.stride(0),
+        BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4,
+    )
+
+
 def sgmv_lora(
     x: torch.Tensor,
     output: torch.Tensor,
@@ -135,22 +191,22 @@ def sgmv_lora(
     x: [T, in]; output: [T, slices * slice_width]; lora_a_cat: [slots, slices * rank, in] (slice i's
     A in rows i*rank..); lora_b_cat: [slots, slices * slice_width, rank] (scaling folded in).
     """
-    num_blocks = block_table.shape[0]
-    rank_total = lora_a_cat.shape[1]
-    out_features = lora_b_cat.shape[1]
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    shrunk = torch.empty(x.shape[0], rank_total, device=x.device, dtype=torch.float32)  # [T, slices * R]
-    block_r = min(64, max(16, triton.next_power_of_2(rank_total)))
-    _sgmv_shrink_kernel[(num_blocks, triton.cdiv(rank_total, block_r))](
-        x, lora_a_cat, shrunk, block_table,
-        x.shape[1], rank_total,
-        x.stride(0), lora_a_cat.stride(0), lora_a_cat.stride(1), shrunk.stride(0),
-        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64, num_warps=4,
-    )
-    block_n = _column_block(slice_width)
-    _sgmv_expand_kernel[(num_blocks, out_features // block_n)](
-        shrunk, lora_b_cat, output, block_table,
-        out_features, rank, slice_width,
-        shrunk.stride(0), lora_b_cat.stride(0), lora_b_cat.stride(1), output.stride(0),
-        BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4,
-    )
+    sgmv_expand(sgmv_shrink(x, lora_a_cat, block_table), output, lora_b_cat, rank, slice_width, block_table)
+
+
+def lora_shrink(x: torch.Tensor, lora_a_cat: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """`sgmv_shrink` on CUDA, `segmented.shrink_reference` elsewhere."""
+    if x.is_cuda:
+        return sgmv_shrink(x, lora_a_cat, block_table)
+    return shrink_reference(x, lora_a_cat, block_table)
+
+
+def lora_expand(
+    shrunk: torch.Tensor, output: torch.Tensor, lora_b_cat: torch.Tensor, rank: int, slice_width: int,
+    block_table: torch.Tensor,
+) -> None:
+    """`sgmv_expand` on CUDA, `segmented.expand_reference` elsewhere."""
+    if output.is_cuda:
+        sgmv_expand(shrunk, output, lora_b_cat, rank, slice_width, block_table)
+    else:
+        expand_reference(shrunk, output, lora_b_cat, rank, slice_width, block_table)

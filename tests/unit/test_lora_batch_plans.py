@@ -1,0 +1,137 @@
+"""The LoRA batch plans of `LoraLayers` on the CPU, in float64: the block-table shrink/expand, the
+expand deferred to the consumer (GELU / residual + LayerNorm, `fused_ops.LoraDelta`) and the
+single-adapter merge all equal the per-segment reference, for every activation, mixed ranks,
+zero-rank slots, base rows and empty segments. (The same plans with the Triton kernels:
+tests/gpu/test_lora_fusion.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loraembed.encoder as encoder_module
+import loraembed.lora.layers as layers_module
+from loraembed.fused_ops import LoraDelta
+from loraembed.lora.layers import LoraLayers
+from loraembed.lora.sgmv_triton import BLOCK_T, build_lora_batch_tables
+from loraembed.packing import AdapterSegment
+from tests.support.lora_models import encoder_config, fill_random_adapters, packed_batch, random_encoder, set_plan
+
+SLOT_RANKS = {1: 2, 2: 8, 3: 5, 4: 3}
+
+
+def skip_some(slot: int, name: str) -> bool:
+    """Slot 3 has no LoRA on intermediate.dense and value: zero-rank slots in those linears."""
+    return slot == 3 and name.endswith(("intermediate.dense", "attention.self.value"))
+
+
+LAYOUTS = {
+    "mixed": ([7, 3, 12, 1, 9, 30, 4], [0, 2, 2, 1, 0, 3, 4]),
+    "one adapter": ([7, 3, 12, 70], [2, 2, 2, 2]),
+    "adapter without LoRA in some linears": ([5, 9], [3, 3]),
+    "base only": ([7, 3], [0, 0]),
+    "adapter and base": ([66, 5], [1, 0]),
+}
+
+
+@pytest.fixture(scope="module", params=["gelu", "relu", "gelu_new"])
+def model_and_layers(request):
+    model = random_encoder(encoder_config(hidden=24, intermediate=40, layers=2, heads=4, hidden_act=request.param),
+                           torch.float64, "cpu", seed=1)
+    layers = LoraLayers(model, num_slots=5)
+    fill_random_adapters(layers, SLOT_RANKS, seed=2, skip=skip_some)
+    return model, layers
+
+
+def run(model, layers, batch, plan, segments=None) -> torch.Tensor:
+    set_plan(layers, plan)
+    layers.activate(batch.adapter_segments if segments is None else segments)
+    try:
+        with torch.inference_mode():
+            return model(batch)
+    finally:
+        layers.deactivate()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("plan", ["tables", "deferred", "merged"])
+def test_plan_equals_reference(model_and_layers, layout, plan):
+    model, layers = model_and_layers
+    lengths, slots = LAYOUTS[layout]
+    batch = packed_batch(lengths, slots, "cpu")
+    expected = run(model, layers, batch, "reference")
+    torch.testing.assert_close(run(model, layers, batch, plan), expected, rtol=1e-10, atol=1e-10)
+    if layout == "mixed":  # the adapters change the output: the comparison is not vacuous
+        assert not torch.allclose(expected, run(model, layers, batch, "reference", segments=()))
+
+
+def test_empty_segments_change_nothing(model_and_layers):
+    model, layers = model_and_layers
+    batch = packed_batch([7, 20, 9], [1, 0, 2], "cpu")
+    first, second, third = batch.adapter_segments
+    segments = (AdapterSegment(3, 0, 0), first, second, AdapterSegment(4, 27, 27), third)
+    expected = run(model, layers, batch, "reference")
+    for plan in ("tables", "deferred"):
+        torch.testing.assert_close(run(model, layers, batch, plan, segments), expected, rtol=1e-10, atol=1e-10)
+    # One adapter and an empty segment of another: still a one-adapter batch, merged.
+    one = packed_batch([7, 20], [2, 2], "cpu")
+    expected = run(model, layers, one, "reference")
+    merged_segments = (AdapterSegment(4, 0, 0), *one.adapter_segments)
+    torch.testing.assert_close(run(model, layers, one, "merged", merged_segments), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_each_plan_takes_its_path(model_and_layers, monkeypatch):
+    """Deferred: every single-slice linear hands a LoraDelta to its consumer and only Q/K/V expands.
+    Merged: no shrink and no expand at all."""
+    model, layers = model_and_layers
+    calls = {"shrink": 0, "expand": 0, "activation": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(layers_module, "lora_shrink", counted("shrink", layers_module.lora_shrink))
+    monkeypatch.setattr(layers_module, "lora_expand", counted("expand", layers_module.lora_expand))
+    activation = counted("activation", encoder_module.add_lora_activation)
+    monkeypatch.setattr(encoder_module, "add_lora_activation", activation)
+    mixed = packed_batch([7, 3, 12], [0, 1, 2], "cpu")
+    run(model, layers, mixed, "deferred")
+    assert calls == {"shrink": 2 * 4, "expand": 2 * 1, "activation": 2}
+    calls.update(shrink=0, expand=0, activation=0)
+    run(model, layers, packed_batch([7, 3], [1, 1], "cpu"), "merged")
+    assert calls == {"shrink": 0, "expand": 0, "activation": 0}
+
+
+def test_linear_returns_the_delta_it_defers(model_and_layers):
+    model, layers = model_and_layers
+    batch = packed_batch([5, 6], [0, 2], "cpu")
+    set_plan(layers, "deferred")
+    layers.activate(batch.adapter_segments)
+    linear = model.encoder.layer[0].intermediate.dense
+    x = torch.randn(11, linear.in_features, dtype=torch.float64)
+    try:
+        output, lora = linear.forward_deferred(x)
+        assert isinstance(lora, LoraDelta) and lora.token_slots.tolist() == [0] * 5 + [2] * 6
+        assert lora.shrunk[:5].isnan().all()  # base rows: never computed, never read
+        expected = linear(x)  # forward() adds the delta itself
+        assert torch.equal(output[:5], expected[:5])
+        delta = lora.shrunk[5:] @ lora.lora_b[2].T
+        torch.testing.assert_close(output[5:] + delta, expected[5:], rtol=1e-12, atol=1e-12)
+    finally:
+        layers.deactivate()
+
+
+def test_batch_tables():
+    segments = (AdapterSegment(0, 0, 10), AdapterSegment(2, 10, 10), AdapterSegment(2, 10, 10 + 2 * BLOCK_T + 3),
+                AdapterSegment(0, 10 + 2 * BLOCK_T + 3, 200), AdapterSegment(5, 200, 201))
+    table, token_slots = build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=True)
+    end = 10 + 2 * BLOCK_T + 3
+    assert table.tolist() == [[10, 10 + BLOCK_T, 2], [10 + BLOCK_T, 10 + 2 * BLOCK_T, 2], [10 + 2 * BLOCK_T, end, 2],
+                              [200, 201, 5]]
+    assert token_slots.dtype == torch.int32
+    assert token_slots.tolist() == [0] * 10 + [2] * (end - 10) + [0] * (200 - end) + [5]
+    assert token_slots.data_ptr() % 16 == 0
+    assert build_lora_batch_tables(segments[:2], torch.device("cpu"), with_token_slots=True) == (None, None)
+    assert build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=False)[1] is None
