@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--attention", default="auto", help="auto: flash_attn, else torch_varlen")
+    parser.add_argument("--attention", default="auto", help="as the engine's `attention` parameter")
     parser.add_argument("--out", default="", help="also write the table to this Markdown file")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
@@ -154,8 +154,7 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if DEVICE.type != "cuda":  # the smoke run: every LoRA path on its CPU reference
         args.repeats = min(args.repeats, 2)
-    if args.attention == "auto":  # not the SDPA reference (it syncs with the host)
-        args.attention = next(b for b in ("flash_attn", "torch_varlen", "sdpa") if _usable(b))
+    args.attention = select_attention_backend(args.attention, DEVICE, torch.bfloat16)  # "auto": the engine's pick
 
     model, layers = build_model(args)
     rng = np.random.default_rng(0)
@@ -221,14 +220,6 @@ def report(rows: list[dict], args) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("# LoRA fusion benchmark (benchmarks/lora_fusion_bench.py)\n\n" + text + "\n")
-
-
-def _usable(backend: str) -> bool:
-    try:
-        select_attention_backend(backend, DEVICE, torch.bfloat16)
-    except Exception:
-        return False
-    return True
 
 
 if __name__ == "__main__":
