@@ -283,7 +283,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="xlmr-base,xlmr-large,minilm")
     parser.add_argument("--workloads", default="queries,passages,long")
-    parser.add_argument("--attention", default="flash_attn,torch_varlen")
+    parser.add_argument("--attention", default="triton_packed,flash_attn", help="the first also runs the adapter modes")
     parser.add_argument("--modes", default=",".join(ADAPTER_MODES), help="adapter modes, run on --adapter-models")
     parser.add_argument("--adapter-models", default="xlmr-base")
     parser.add_argument("--adapter-workloads", default="queries,passages")
