@@ -78,4 +78,31 @@ EOF
     chmod +x "$server/bin/"* "$server/backends/python/triton_python_backend_stub"
     echo "$want" >"$stamp"
 fi
-say "ready: .venv (Python $PYVER), .triton/pytriton/tritonserver/bin/tritonserver"
+# 5. perf_analyzer (benchmarks/serve_bench.sh and its test): the last client wheel that ships it,
+# unpacked; it links libb64.so.0d and libcudart.so.12, both in nvidia_pytriton.libs under hashed names.
+# Optional: without a package index the serving benchmark's test skips, nothing else needs it.
+PERF_CLIENT=tritonclient==2.41.0
+stamp=$TRITON/perf/.stamp
+if [[ $(cat "$stamp" 2>/dev/null) != "$PERF_CLIENT" ]]; then
+    say "unpacking perf_analyzer from $PERF_CLIENT"
+    rm -rf "$TRITON/perf"
+    if "$PY" -m pip download -q --no-deps -d "$ROOT/.cache/wheels" "$PERF_CLIENT" >>"$LOG" 2>&1; then
+        run "$PY" - "$ROOT/.cache/wheels" "${PERF_CLIENT#*==}" "$TRITON" <<'EOF'
+import glob, os, sys, zipfile
+wheel_dir, version, triton = sys.argv[1:]
+(wheel,) = glob.glob(f"{wheel_dir}/tritonclient-{version}-*.whl")
+os.makedirs(f"{triton}/perf/lib")
+with zipfile.ZipFile(wheel) as z, open(f"{triton}/perf/perf_analyzer", "wb") as out:
+    out.write(z.read(f"tritonclient-{version}.data/data/bin/perf_analyzer"))
+os.chmod(f"{triton}/perf/perf_analyzer", 0o755)
+for pattern, name in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
+    (library,) = glob.glob(f"{triton}/nvidia_pytriton.libs/{pattern}")
+    os.symlink(os.path.relpath(library, f"{triton}/perf/lib"), f"{triton}/perf/lib/{name}")
+EOF
+        run env LD_LIBRARY_PATH="$TRITON/perf/lib" "$TRITON/perf/perf_analyzer" --version
+        echo "$PERF_CLIENT" >"$stamp"
+    else
+        echo "setup: could not download $PERF_CLIENT (no perf_analyzer: the serving benchmark's test will skip)" >&2
+    fi
+fi
+say "ready: .venv (Python $PYVER), .triton/pytriton/tritonserver/bin/tritonserver, .triton/perf/perf_analyzer"

@@ -135,3 +135,49 @@ def test_valid_texts_decode_to_str(minilm_path):
 def test_checkpoint_without_tokenizer_json(tmp_path):
     with pytest.raises(CheckpointError, match=r"tokenizer.json is missing \(a fast tokenizer is required\)"):
         TextTokenizer(tmp_path, 16)
+
+
+@pytest.fixture(scope="module")
+def normalizing_xlmr_path(tmp_path_factory):
+    """The tiny XLM-R tokenizer with XLM-R's normalization (NFKC, runs of spaces to one): texts whose
+    characters change under normalization are where offsets and ids could part ways."""
+    from tokenizers import Regex, normalizers
+
+    from tests.support.checkpoints import xlmr_tokenizer
+
+    tokenizer = xlmr_tokenizer(vocab_size=250)
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    folder = tmp_path_factory.mktemp("normalizing-xlmr")
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+NORMALIZED_TEXTS = ["ﬁne ﬂow", "Ｆｕｌｌ　ｗｉｄｔｈ", "spaces   between    words", "① ² ½", "e\u0301 café", "日本語のテキスト"]
+
+
+@pytest.mark.parametrize("max_seq_len, truncate", [(64, True), (64, False), (6, True)])
+def test_ids_equal_the_tokenizers_offset_tracking_encode(normalizing_xlmr_path, max_seq_len, truncate):
+    # TextTokenizer uses encode_batch_fast (no character offsets); the ids must be encode_batch's.
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(normalizing_xlmr_path / "tokenizer.json"))
+    if truncate:
+        reference.enable_truncation(max_length=max_seq_len)
+    expected = [encoding.ids for encoding in reference.encode_batch(NORMALIZED_TEXTS + TEXTS)]
+    input_ids, attention_mask = TextTokenizer(normalizing_xlmr_path, max_seq_len).encode(
+        NORMALIZED_TEXTS + TEXTS if truncate else NORMALIZED_TEXTS, truncate=truncate
+    )
+    assert rows(input_ids, attention_mask) == expected[: len(input_ids)]
+    if max_seq_len == 6:
+        assert attention_mask.sum(1).max() == 6 and len(reference.encode(LONG_TEXT).ids) == 6  # really cut
+
+
+def test_requests_of_one_batch_are_padded_each_to_its_own_longest(tiny_xlmr_path):
+    tokenizer = TextTokenizer(tiny_xlmr_path, 40)
+    requests = [["a"], ["hello world and the text of it", "the"], ["the text"]]
+    results = tokenizer.encode_requests(requests, [True, True, False])
+    for texts, (input_ids, attention_mask) in zip(requests, results):
+        alone_ids, alone_mask = tokenizer.encode(texts)
+        np.testing.assert_array_equal(input_ids, alone_ids)
+        np.testing.assert_array_equal(attention_mask, alone_mask)
+        assert attention_mask[:, -1].any()
