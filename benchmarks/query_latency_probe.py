@@ -1,0 +1,89 @@
+"""One-query latency of `EmbeddingEngine.embed` in-process, with and without an adapter registry
+(64 preloaded rank-16 adapters, as serve_bench.sh serves), to tell engine-side latency from the
+Triton stub's. Prints a table (card, date) and a host profile of the slowest configuration.
+
+    python benchmarks/query_latency_probe.py [--device cuda] [--model xlmr-base] [--adapters 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "backend_src"), str(Path(__file__).parent)]
+import encoder_bench  # noqa: E402
+from encoder_bench import build_checkpoint, write_random_adapter  # noqa: E402
+
+from loraembed.config import ServingConfig  # noqa: E402
+from loraembed.engine import EmbeddingEngine, EncoderRequest  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="xlmr-base")
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    encoder_bench.DEVICE = device
+    work = Path(tempfile.mkdtemp(prefix="latency-probe-"))
+    path = build_checkpoint(args.model, work)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    names = [f"a{i}" for i in range(args.adapters)]
+    for seed, name in enumerate(names):
+        write_random_adapter(work / "adapters" / name, config, 16, seed)
+    base = {"model": str(path), "dtype": "bfloat16" if device.type == "cuda" else "float32", "pooling": "mean"}
+    configurations = {
+        "no registry": base,
+        f"{args.adapters} adapters preloaded": {
+            **base, "adapter_root": str(work / "adapters"), "adapter_preload": ",".join(names), "max_adapters": str(args.adapters),
+        },
+        f"{args.adapters} adapters, no CUDA graphs": {
+            **base, "adapter_root": str(work / "adapters"), "adapter_preload": ",".join(names), "max_adapters": str(args.adapters),
+            "cuda_graph_max_tokens": "0",
+        },
+    }
+    tokens = np.array([[0, *range(1000, 1014), 2]], dtype=np.int64)
+    request = EncoderRequest(tokens, np.ones_like(tokens))
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    lines = [f"card: {card}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}", "",
+             "| configuration | p50 ms | p90 ms | host profile top (tottime) |", "|---|---|---|---|"]
+    profiles = []
+    for label, parameters in configurations.items():
+        engine = EmbeddingEngine(ServingConfig.from_parameters(parameters, environ={}), device)
+        for _ in range(10):
+            engine.embed([request])
+        times = []
+        for _ in range(args.calls):
+            start = time.perf_counter()
+            engine.embed([request])
+            times.append((time.perf_counter() - start) * 1e3)
+        profiler = cProfile.Profile()
+        for _ in range(20):
+            profiler.runcall(engine.embed, [request])
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+        stats.print_stats(12)
+        top = max(stats.stats.items(), key=lambda item: item[1][2])[0]
+        profiles.append(f"## {label}\n\n{text.getvalue()}")
+        lines.append(f"| {label} | {np.percentile(times, 50):.2f} | {np.percentile(times, 90):.2f} | {top[2]} ({Path(top[0]).name}:{top[1]}) |")
+        del engine
+    print("\n".join(lines))
+    print("\n\n".join(profiles), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
