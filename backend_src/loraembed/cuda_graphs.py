@@ -10,6 +10,11 @@ the bucket's static tensors with one host-to-device copy:
 - sequences past the batch are empty (repeated `cu_seqlens`); the last one collects the padding
   tokens' pooling sums and is dropped.
 
+At most MAX_GRAPHS graphs are kept; a new bucket past that evicts the least recently replayed one
+(serving found the limit the hard way: mixed passage traffic filled it, and single queries that
+came after ran eagerly at 5-12x their graphed latency). `triton_packed` attention does not depend on
+the longest sequence, so for it that part of the key is constant (fewer buckets, fewer captures).
+
 Only batches whose rows all use the base model (or a merged adapter) are graphed: the LoRA layers'
 per-batch segment layout is host-side state that a graph would freeze. The eager path
 (`PackedEncoder.forward` + `pool`) is the reference the GPU tests compare the replay with.
@@ -17,6 +22,7 @@ per-batch segment layout is host-side state that a graph would freeze. The eager
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +61,8 @@ class GraphedForward:
         self.position_offset = position_offset
         self.max_tokens = max_tokens
         self.max_seqlen = max_seqlen
-        self.graphs: dict[tuple[int, int, int], _CapturedGraph] = {}
+        self.graphs: OrderedDict[tuple[int, int, int], _CapturedGraph] = OrderedDict()  # oldest replay first
+        self.evictions = 0
         self.stream = torch.cuda.Stream()
         # One memory pool for all graphs: they replay one at a time on one stream, and each
         # replay's output is copied out (stream-ordered) before the next replay can reuse memory;
@@ -67,16 +74,16 @@ class GraphedForward:
             return False  # the SDPA reference syncs with the host: not capturable
         if host.slots.any():
             return False
-        tokens = len(host.input_ids)
-        key = self._key(tokens, len(host.lengths), int(host.lengths.max()))
-        return tokens <= self.max_tokens and (key in self.graphs or len(self.graphs) < MAX_GRAPHS)
+        return len(host.input_ids) <= self.max_tokens
 
     def _key(self, tokens: int, sequences: int, longest: int) -> tuple[int, int, int]:
         return (
             # + 1: at least one padding row, where empty sequences point
             min(_bucket(tokens + 1, MIN_TOKENS), self.max_tokens + 1),
             _bucket(sequences + 1, MIN_SEQUENCES),  # + 1: the sequence that takes the padding tokens
-            min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
+            self.max_seqlen
+            if self.model.attention_backend == "triton_packed"
+            else min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
         )
 
     def pooled(self, host: HostPackedArrays) -> tuple[torch.Tensor, PackedBatch]:
@@ -84,7 +91,12 @@ class GraphedForward:
         the batch's host-side summary (for metrics)."""
         num_rows = len(host.lengths)
         key = self._key(len(host.input_ids), num_rows, int(host.lengths.max()))
-        captured = self.graphs.get(key) or self._capture(key)
+        captured = self.graphs.get(key)
+        if captured is None:
+            while len(self.graphs) >= MAX_GRAPHS:
+                self._evict_least_recent()
+            captured = self._capture(key)
+        self.graphs.move_to_end(key)
         tokens, num_sequences, _ = key
         total = len(host.input_ids)
         turn = captured.turn
@@ -105,6 +117,14 @@ class GraphedForward:
         captured.copied[turn].record()
         captured.graph.replay()
         return captured.pooled[:num_rows], PackedBatch.host_summary(host)
+
+    def _evict_least_recent(self) -> None:
+        _, evicted = self.graphs.popitem(last=False)
+        # Its last replay's output may still be being copied out: let the device finish first.
+        evicted.copied[0].synchronize()
+        evicted.copied[1].synchronize()
+        torch.cuda.current_stream().synchronize()
+        self.evictions += 1
 
     def _capture(self, key: tuple[int, int, int]) -> _CapturedGraph:
         tokens, num_sequences, longest = key

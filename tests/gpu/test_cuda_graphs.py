@@ -55,3 +55,23 @@ def test_graph_replays_equal_the_eager_forward(xlmr_base_folder, backend, poolin
     # A batch over the graph limit runs eagerly, and still equals the eager engine.
     big = requests_of([500] * 20, rng)  # 10,000 tokens > 8192: eager
     np.testing.assert_allclose(graphed.embed(big)[0], eager.embed(big)[0], atol=2e-2, rtol=0)
+
+
+def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folder, monkeypatch):
+    """More buckets than MAX_GRAPHS: old graphs are evicted (not refused), every batch still equals
+    the eager forward, and the bucket used most recently survives."""
+    import loraembed.cuda_graphs as cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    graphed = make_engine(xlmr_base_folder, "triton_packed", "mean", 8192)
+    eager = make_engine(xlmr_base_folder, "triton_packed", "mean", 0)
+    rng = np.random.default_rng(5)
+    batches = [[16], [100] * 10, [16], [300] * 20, [16], [3, 5], [200] * 30, [16]]  # 4+ token buckets
+    for lengths in batches:
+        requests = requests_of(lengths, rng)
+        ours, reference = graphed.embed(requests)[0], eager.embed(requests)[0]
+        cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cosine.min() >= 0.9999, (lengths, cosine.min())
+    assert len(graphed.graphed.graphs) == 2
+    assert graphed.graphed.evictions >= 3
+    assert list(graphed.graphed.graphs)[-1][0] == 64  # the last batch, one 16-token query, is the newest
