@@ -10,9 +10,10 @@ the bucket's static tensors with one host-to-device copy:
 - sequences past the batch are empty (repeated `cu_seqlens`); the last one collects the padding
   tokens' pooling sums and is dropped.
 
-At most MAX_GRAPHS graphs are kept; a new bucket past that evicts the least recently replayed one
-(serving found the limit the hard way: mixed passage traffic filled it, and single queries that
-came after ran eagerly at 5-12x their graphed latency). `triton_packed` attention does not depend on
+At most MAX_GRAPHS graphs are kept; past that, a bucket seen for the second time evicts the least
+recently replayed graph (serving found the limit the hard way: mixed passage traffic filled it, and
+single queries that came after ran eagerly at 5-12x their graphed latency). A bucket seen once runs
+eagerly, so traffic that never repeats a bucket cannot make every batch pay a capture. `triton_packed` attention does not depend on
 the longest sequence, so for it that part of the key is constant (fewer buckets, fewer captures).
 
 Only batches whose rows all use the base model (or a merged adapter) are graphed: the LoRA layers'
@@ -63,6 +64,7 @@ class GraphedForward:
         self.max_seqlen = max_seqlen
         self.graphs: OrderedDict[tuple[int, int, int], _CapturedGraph] = OrderedDict()  # oldest replay first
         self.evictions = 0
+        self._sightings: dict[tuple[int, int, int], int] = {}  # buckets seen while the cache was full
         self.stream = torch.cuda.Stream()
         # One memory pool for all graphs: they replay one at a time on one stream, and each
         # replay's output is copied out (stream-ordered) before the next replay can reuse memory;
@@ -74,7 +76,15 @@ class GraphedForward:
             return False  # the SDPA reference syncs with the host: not capturable
         if host.slots.any():
             return False
-        return len(host.input_ids) <= self.max_tokens
+        if len(host.input_ids) > self.max_tokens:
+            return False
+        key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()))
+        if key in self.graphs or len(self.graphs) < MAX_GRAPHS:
+            return True
+        if len(self._sightings) > 4 * MAX_GRAPHS:
+            self._sightings.clear()
+        self._sightings[key] = self._sightings.get(key, 0) + 1
+        return self._sightings[key] >= 2
 
     def _key(self, tokens: int, sequences: int, longest: int) -> tuple[int, int, int]:
         return (
@@ -86,15 +96,15 @@ class GraphedForward:
             else min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
         )
 
-    def pooled(self, host: HostPackedArrays) -> tuple[torch.Tensor, PackedBatch]:
-        """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch, and
-        the batch's host-side summary (for metrics)."""
+    def pooled(self, host: HostPackedArrays) -> torch.Tensor:
+        """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch."""
         num_rows = len(host.lengths)
         key = self._key(len(host.input_ids), num_rows, int(host.lengths.max()))
         captured = self.graphs.get(key)
         if captured is None:
             while len(self.graphs) >= MAX_GRAPHS:
                 self._evict_least_recent()
+            self._sightings.pop(key, None)
             captured = self._capture(key)
         self.graphs.move_to_end(key)
         tokens, num_sequences, _ = key
@@ -116,7 +126,7 @@ class GraphedForward:
         captured.device_input.copy_(captured.host_inputs[turn], non_blocking=True)
         captured.copied[turn].record()
         captured.graph.replay()
-        return captured.pooled[:num_rows], PackedBatch.host_summary(host)
+        return captured.pooled[:num_rows]
 
     def _evict_least_recent(self) -> None:
         _, evicted = self.graphs.popitem(last=False)

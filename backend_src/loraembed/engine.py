@@ -117,6 +117,8 @@ class EmbeddingEngine:
         self.serving = serving
         self.device = torch.device(device)
         self.settings = ModelSettings.resolve(serving)
+        # What a request without parameters gets (most requests): parsed once, not per request.
+        self._default_options = RequestOptions.from_parameters({}, self.settings.default_normalize, self.hidden_size)
         self.dtype = resolve_dtype(serving.dtype, self.device)
         self.attention_backend = select_attention_backend(serving.attention, self.device, self.dtype)
         self.model: PackedEncoder = load_packed_encoder(
@@ -142,13 +144,17 @@ class EmbeddingEngine:
 
     def validate(self, request: EncoderRequest) -> _ValidRequest:
         """Check one request's tensors and parameters; raise a RequestError naming the problem."""
-        options = RequestOptions.from_parameters(request.parameters, self.settings.default_normalize, self.hidden_size)
+        options = (
+            self._default_options
+            if not request.parameters
+            else RequestOptions.from_parameters(request.parameters, self.settings.default_normalize, self.hidden_size)
+        )
         ids, mask = np.asarray(request.input_ids), np.asarray(request.attention_mask)
         if ids.ndim != 2 or mask.ndim != 2:
             raise InvalidInputError(f"INPUT_IDS and ATTENTION_MASK must be [n, L]; got {ids.shape} and {mask.shape}")
         if ids.shape != mask.shape:
             raise InvalidInputError(f"INPUT_IDS shape {ids.shape} differs from ATTENTION_MASK shape {mask.shape}")
-        if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(mask.dtype, np.integer)):
+        if ids.dtype.kind not in "iu" or mask.dtype.kind not in "iu":  # integers (not bool)
             raise InvalidInputError(f"INPUT_IDS and ATTENTION_MASK must be integers; got {ids.dtype}, {mask.dtype}")
         rows, width = ids.shape
         if rows == 0 or width == 0:
@@ -157,20 +163,25 @@ class EmbeddingEngine:
             raise InvalidInputError(
                 f"{rows} texts in one request, more than max_texts_per_request={self.serving.max_texts_per_request}"
             )
-        if mask.min() < 0 or mask.max() > 1:
+        mask_min, mask_max = mask.min(), mask.max()
+        if mask_min < 0 or mask_max > 1:
             raise InvalidInputError("ATTENTION_MASK values must be 0 or 1")
-        lengths = mask.sum(axis=1)
-        for row in np.flatnonzero(lengths == 0):
-            raise InvalidInputError(f"row {row} has an all-zero attention mask (no tokens)")
-        right_padded = mask == (np.arange(width)[None, :] < lengths[:, None])
-        for row in np.flatnonzero(~right_padded.all(axis=1)):
-            raise InvalidInputError(f"row {row}: ATTENTION_MASK must be ones followed by zeros (right padding)")
+        if mask_min == 1:  # no padding (one text, or texts of one length): every row is `width` tokens
+            lengths = np.full(rows, width, dtype=np.int64)
+            real_ids = ids.reshape(-1)
+        else:
+            lengths = mask.sum(axis=1)
+            for row in np.flatnonzero(lengths == 0):
+                raise InvalidInputError(f"row {row} has an all-zero attention mask (no tokens)")
+            right_padded = mask == (np.arange(width)[None, :] < lengths[:, None])
+            for row in np.flatnonzero(~right_padded.all(axis=1)):
+                raise InvalidInputError(f"row {row}: ATTENTION_MASK must be ones followed by zeros (right padding)")
+            real_ids = ids[mask.astype(bool)]
         for row in np.flatnonzero(lengths > self.settings.max_seq_len):
             raise InvalidInputError(
                 f"row {row} is {lengths[row]} tokens, more than max_seq_len={self.settings.max_seq_len}"
             )
         vocab_size = self.settings.encoder_config.vocab_size
-        real_ids = ids[mask.astype(bool)]
         if real_ids.min() < 0 or real_ids.max() >= vocab_size:
             raise InvalidInputError(
                 f"token ids must be in [0, {vocab_size}); got values from {real_ids.min()} to {real_ids.max()}"
@@ -238,9 +249,16 @@ class EmbeddingEngine:
         finally:
             self.adapters.release()
         self.adapters.count_requests(request.adapter_ids for request in valid.values())
+        # Requests with the default options share one normalization over all their rows.
+        shared = [index for index, request in valid.items() if request.options == self._default_options]
+        if len(shared) > 1:
+            finalized = finalize_embeddings(torch.cat([pooled[index] for index in shared]), None, self._default_options.normalize)
+            for index, rows in zip(shared, finalized.split([len(valid[index].lengths) for index in shared])):
+                results[index] = rows.numpy()
         for index, request in valid.items():
-            embeddings = finalize_embeddings(pooled[index], request.options.dimensions, request.options.normalize)
-            results[index] = embeddings.numpy()
+            if results[index] is None:
+                embeddings = finalize_embeddings(pooled[index], request.options.dimensions, request.options.normalize)
+                results[index] = embeddings.numpy()
 
     @torch.inference_mode()
     def _forward(self, valid: dict[int, _ValidRequest], slots: Mapping[str, int | AdapterError]) -> dict[int, torch.Tensor]:
@@ -265,8 +283,11 @@ class EmbeddingEngine:
         for selected in plan_row_batches(rows.lengths, rows.slots, self.serving.max_batch_tokens):
             host = pack_rows(rows, selected, self.settings.encoder_config.position_offset)
             if self.graphed is not None and self.graphed.accepts(host):
-                batch_rows, batch = self.graphed.pooled(host)  # [B, H] float32, a CUDA graph replay
-                self.adapters.activate(batch)  # bookkeeping only: every row is a base-model row
+                batch = PackedBatch.host_summary(host)
+                # Bookkeeping (every row is a base-model row), and LoRA layers pointed at no
+                # adapter before a capture can record them.
+                self.adapters.activate(batch)
+                batch_rows = self.graphed.pooled(host)  # [B, H] float32, a CUDA graph replay
             else:
                 batch = to_device(host, self.device)
                 self.adapters.activate(batch)

@@ -29,20 +29,11 @@ BLOCK_N = 64  # keys per step
 MASKED_SCORE = -1.0e30  # finite, so a tile whose keys are all masked so far never computes inf - inf
 
 
-def packed_attention_supported(query: torch.Tensor) -> bool:
-    head_dim = query.shape[-1]
-    return (
-        triton is not None
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and 16 <= head_dim <= 256
-    )
-
-
 if triton is not None:
     MASKED = tl.constexpr(MASKED_SCORE)
 
-    @triton.jit
+    # The token count changes with every batch: no specialization on it (one compiled variant).
+    @triton.jit(do_not_specialize=["total_tokens"])
     def _packed_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, sequence_index_ptr, cu_seqlens_ptr,
         total_tokens, head_dim, scale_log2,

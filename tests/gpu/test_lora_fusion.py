@@ -225,9 +225,9 @@ def test_encoder_plans_match_float64_reference(encoders, layout):
 def test_forward_does_not_sync_with_the_host(encoders):
     """Planning (activate) and the forward of each plan queue work without a device-to-host sync."""
     (model, layers), _ = encoders
-    backend = next((b for b in ("flash_attn", "torch_varlen") if _usable(b)), None)
+    backend = next((b for b in ("triton_packed", "flash_attn", "torch_varlen") if _usable(b)), None)
     if backend is None:
-        pytest.skip("needs flash_attn or torch_varlen (the SDPA reference attention syncs)")
+        pytest.skip("needs triton_packed, flash_attn or torch_varlen (the SDPA reference attention syncs)")
     model.attention_backend = backend
     try:
         for layout in ("mixed ranks, base rows", "one adapter"):

@@ -77,6 +77,14 @@ BAD_REQUESTS = {
                      r"row 0: ATTENTION_MASK must be ones followed by zeros"),
     "over max_seq_len": (request(*ids_and_mask([MAX_SEQ_LEN, MAX_SEQ_LEN + 1])), InvalidInputError,
                          rf"row 1 is {MAX_SEQ_LEN + 1} tokens, more than max_seq_len={MAX_SEQ_LEN}"),
+    # Requests without padding (one text, or texts of one length) take a shorter validation path.
+    "bool mask": (request(attention_mask=MASK.astype(bool)), InvalidInputError, r"must be integers; got int64, bool"),
+    "over max_seq_len, unpadded": (request(*ids_and_mask([MAX_SEQ_LEN + 1])), InvalidInputError,
+                                   rf"row 0 is {MAX_SEQ_LEN + 1} tokens, more than max_seq_len={MAX_SEQ_LEN}"),
+    "id = vocab size, unpadded": (request(with_id(IDS[:1], 0, 2, VOCAB_SIZE), MASK[:1]), InvalidInputError,
+                                  rf"token ids must be in \[0, {VOCAB_SIZE}\); got values from 0 to {VOCAB_SIZE}"),
+    "negative id, unpadded": (request(with_id(IDS[:1], 0, 1, -3), MASK[:1]), InvalidInputError,
+                              rf"token ids must be in \[0, {VOCAB_SIZE}\); got values from -3 to"),
     "id = vocab size": (request(with_id(IDS, 0, 2, VOCAB_SIZE)), InvalidInputError,
                         rf"token ids must be in \[0, {VOCAB_SIZE}\); got values from 0 to {VOCAB_SIZE}"),
     "huge id": (request(np.where(MASK == 1, 10**12, 1)), InvalidInputError, rf"token ids must be in \[0, {VOCAB_SIZE}\)"),
@@ -232,3 +240,26 @@ def test_rows_come_back_in_request_order_when_adapter_grouping_reorders_them(eng
         alone = [embed_one(engine, request(encoder_request.input_ids[row : row + 1], encoder_request.attention_mask[row : row + 1]))
                  for row in range(encoder_request.input_ids.shape[0])]
         np.testing.assert_allclose(result, np.concatenate(alone), rtol=0, atol=1e-5)
+
+
+def test_unpadded_and_padded_requests_give_the_same_rows(engine):
+    """The no-padding validation path and the padded one see the same tokens."""
+    unpadded_ids, unpadded_mask = ids_and_mask([6, 6])
+    padded_ids, padded_mask = ids_and_mask([6, 6], width=9)
+    single = [embed_one(engine, request(unpadded_ids[row : row + 1], unpadded_mask[row : row + 1])) for row in range(2)]
+    np.testing.assert_array_equal(embed_one(engine, request(unpadded_ids, unpadded_mask)), embed_one(engine, request(padded_ids, padded_mask)))
+    np.testing.assert_allclose(embed_one(engine, request(unpadded_ids, unpadded_mask)), np.concatenate(single), atol=1e-6, rtol=0)
+
+
+def test_requests_with_and_without_parameters_in_one_call(engine):
+    """Default-option requests are finalized together; others keep their own options."""
+    flipped = not engine.settings.default_normalize
+    plain, shortened, other = request(), request(dimensions=8), request(normalize=flipped)
+    together = engine.embed([plain, shortened, other, request()])
+    alone = [embed_one(engine, r) for r in (plain, shortened, other)]
+    for got, expected in zip(together, alone + alone[:1]):
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    assert together[1].shape == (2, 8)
+    normalized, unnormalized = (together[2], together[0]) if flipped else (together[0], together[2])
+    np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-6)
+    assert not np.allclose(np.linalg.norm(unnormalized, axis=1), 1.0)
