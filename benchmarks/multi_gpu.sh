@@ -112,6 +112,8 @@ stop_server() {
     server_pid=""
 }
 trap stop_server EXIT
+# shellcheck source=benchmarks/wait_for_server.sh
+source "$ROOT/benchmarks/wait_for_server.sh"
 
 start_server() {  # $1: LORAEMBED_GPUS, $2: log file
     say "starting tritonserver with the encoder on GPU(s) $1"
@@ -120,16 +122,7 @@ start_server() {  # $1: LORAEMBED_GPUS, $2: log file
         "$ROOT/docker/entrypoint.sh" --backend-directory="${TRITON_BACKENDS:?set by scripts/gpu_host_env.sh}" \
         --http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 >"$2" 2>&1 &
     server_pid=$!
-    local deadline=$((SECONDS + 900))
-    until python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-        "http://127.0.0.1:$http/v2/health/ready" 2>/dev/null; do
-        if ! kill -0 "$server_pid" 2>/dev/null || ((SECONDS > deadline)); then
-            echo "multi_gpu.sh: tritonserver did not become ready; the end of $2:" >&2
-            tail -n 40 "$2" >&2
-            exit 1
-        fi
-        sleep 2
-    done
+    wait_for_server multi_gpu.sh python3 "$http" "$server_pid" "$2" 900 2
     # The instance groups it really runs, as the server reports them.
     python3 - "http://127.0.0.1:$http/v2/models/encoder/config" "$1" <<'EOF' >&2
 import json, sys, urllib.request

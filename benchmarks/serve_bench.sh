@@ -206,16 +206,9 @@ make_inputs "$work/passages.txt" --name passages
 make_inputs "$work/passages.txt" --name passages_mixed --adapters "$adapter_ids" --seed 0
 say "inputs written to $raw/inputs; waiting for the server"
 
-deadline=$((SECONDS + 600))
-until "$stub_python" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-    "http://127.0.0.1:$http/v2/health/ready" 2>/dev/null; do
-    if ! kill -0 "$server_pid" 2>/dev/null || ((SECONDS > deadline)); then
-        echo "serve_bench.sh: tritonserver did not become ready; the end of $raw/server.log:" >&2
-        tail -n 40 "$raw/server.log" >&2
-        exit 1
-    fi
-    sleep 1
-done
+# shellcheck source=benchmarks/wait_for_server.sh
+source "$ROOT/benchmarks/wait_for_server.sh"
+wait_for_server serve_bench.sh "$stub_python" "$http" "$server_pid" "$raw/server.log" 600 1
 server_version=$("$stub_python" -c "import json, urllib.request, sys; print(json.load(urllib.request.urlopen(sys.argv[1]))['version'])" \
     "http://127.0.0.1:$http/v2")
 say "tritonserver $server_version ready"
