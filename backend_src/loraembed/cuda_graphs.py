@@ -71,20 +71,19 @@ class GraphedForward:
         # outputs stay referenced, so no capture hands out another graph's output block.
         self.memory_pool = torch.cuda.graph_pool_handle()
 
-    def accepts(self, host: HostPackedArrays) -> bool:
+    def bucket(self, host: HostPackedArrays) -> tuple[int, int, int] | None:
+        """The graph bucket that runs this batch, or None: run it eagerly."""
         if self.model.attention_backend not in ("flash_attn", "torch_varlen", "triton_packed"):
-            return False  # the SDPA reference syncs with the host: not capturable
-        if host.slots.any():
-            return False
-        if len(host.input_ids) > self.max_tokens:
-            return False
+            return None  # the SDPA reference syncs with the host: not capturable
+        if host.slots.any() or len(host.input_ids) > self.max_tokens:
+            return None
         key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()))
         if key in self.graphs or len(self.graphs) < MAX_GRAPHS:
-            return True
+            return key
         if len(self._sightings) > 4 * MAX_GRAPHS:
             self._sightings.clear()
         self._sightings[key] = self._sightings.get(key, 0) + 1
-        return self._sightings[key] >= 2
+        return key if self._sightings[key] >= 2 else None
 
     def _key(self, tokens: int, sequences: int, longest: int) -> tuple[int, int, int]:
         return (
@@ -96,10 +95,10 @@ class GraphedForward:
             else min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
         )
 
-    def pooled(self, host: HostPackedArrays) -> torch.Tensor:
-        """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch."""
+    def pooled(self, host: HostPackedArrays, key: tuple[int, int, int]) -> torch.Tensor:
+        """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch;
+        `key` is `bucket(host)`."""
         num_rows = len(host.lengths)
-        key = self._key(len(host.input_ids), num_rows, int(host.lengths.max()))
         captured = self.graphs.get(key)
         if captured is None:
             while len(self.graphs) >= MAX_GRAPHS:

@@ -282,12 +282,13 @@ class EmbeddingEngine:
         pooled = torch.empty(count, self.hidden_size, device=self.device)  # [N, H], request order
         for selected in plan_row_batches(rows.lengths, rows.slots, self.serving.max_batch_tokens):
             host = pack_rows(rows, selected, self.settings.encoder_config.position_offset)
-            if self.graphed is not None and self.graphed.accepts(host):
+            graph_bucket = self.graphed.bucket(host) if self.graphed is not None else None
+            if graph_bucket is not None:
                 batch = PackedBatch.host_summary(host)
                 # Bookkeeping (every row is a base-model row), and LoRA layers pointed at no
                 # adapter before a capture can record them.
                 self.adapters.activate(batch)
-                batch_rows = self.graphed.pooled(host)  # [B, H] float32, a CUDA graph replay
+                batch_rows = self.graphed.pooled(host, graph_bucket)  # [B, H] float32, a CUDA graph replay
             else:
                 batch = to_device(host, self.device)
                 self.adapters.activate(batch)
