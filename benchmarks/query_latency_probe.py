@@ -1,6 +1,8 @@
-"""One-query latency of `EmbeddingEngine.embed` in-process, with and without an adapter registry
-(64 preloaded rank-16 adapters, as serve_bench.sh serves), to tell engine-side latency from the
-Triton stub's. Prints a table (card, date) and a host profile of the slowest configuration.
+"""Latency of `EmbeddingEngine.embed` in-process for what one encoder execute gets at low
+concurrency (one query, 32 passages, with and without adapters), with and without an adapter
+registry (64 preloaded rank-16 adapters, as serve_bench.sh serves) and CUDA graphs, to tell
+engine-side latency from the Triton stub's. Prints a table (card, date), then each case's host
+profile on stderr.
 
     python benchmarks/query_latency_probe.py [--device cuda] [--model xlmr-base] [--adapters 64]
 """
@@ -56,30 +58,50 @@ def main() -> None:
             "cuda_graph_max_tokens": "0",
         },
     }
-    tokens = np.array([[0, *range(1000, 1014), 2]], dtype=np.int64)
-    request = EncoderRequest(tokens, np.ones_like(tokens))
+    rng = np.random.default_rng(0)
+    query = np.array([[0, *range(1000, 1014), 2]], dtype=np.int64)
+    passage_lengths = np.clip(rng.lognormal(np.log(120), 0.5, 32).astype(int), 16, 512)
+    passages = np.ones((32, passage_lengths.max()), dtype=np.int64)
+    for row, length in enumerate(passage_lengths):
+        passages[row, :length] = [0, *rng.integers(4, config.vocab_size, length - 2), 2]
+    passage_mask = (np.arange(passages.shape[1]) < passage_lengths[:, None]).astype(np.int64)
+    # What one execute of the encoder model gets at concurrency 1 (one request), and a batch that
+    # the dynamic batcher makes of four requests with different adapters.
+    requests = {
+        "one 16-token query": [EncoderRequest(query, np.ones_like(query))],
+        "one query, one adapter": [EncoderRequest(query, np.ones_like(query), [names[0]] if names else None)],
+        f"32 passages ({passage_lengths.sum()} tokens), one adapter": [
+            EncoderRequest(passages, passage_mask, [names[0]] if names else None)],
+        "4 x 8 passages, 4 adapters": [
+            EncoderRequest(passages[i::4], passage_mask[i::4], [names[i % len(names)]] if names else None)
+            for i in range(4)],
+    }
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = [f"card: {card}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}", "",
-             "| configuration | p50 ms | p90 ms | host profile top (tottime) |", "|---|---|---|---|"]
+             "| configuration | request | p50 ms | p90 ms | host profile top (tottime) |", "|---|---|---|---|---|"]
     profiles = []
     for label, parameters in configurations.items():
         engine = EmbeddingEngine(ServingConfig.from_parameters(parameters, environ={}), device)
-        for _ in range(10):
-            engine.embed([request])
-        times = []
-        for _ in range(args.calls):
-            start = time.perf_counter()
-            engine.embed([request])
-            times.append((time.perf_counter() - start) * 1e3)
-        profiler = cProfile.Profile()
-        for _ in range(20):
-            profiler.runcall(engine.embed, [request])
-        text = io.StringIO()
-        stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
-        stats.print_stats(12)
-        top = max(stats.stats.items(), key=lambda item: item[1][2])[0]
-        profiles.append(f"## {label}\n\n{text.getvalue()}")
-        lines.append(f"| {label} | {np.percentile(times, 50):.2f} | {np.percentile(times, 90):.2f} | {top[2]} ({Path(top[0]).name}:{top[1]}) |")
+        for request_label, batch in requests.items():
+            if "adapter" in request_label and "adapter_root" not in parameters:
+                continue
+            for _ in range(10):
+                engine.embed(batch)
+            times = []
+            for _ in range(args.calls):
+                start = time.perf_counter()
+                engine.embed(batch)
+                times.append((time.perf_counter() - start) * 1e3)
+            profiler = cProfile.Profile()
+            for _ in range(20):
+                profiler.runcall(engine.embed, batch)
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+            stats.print_stats(12)
+            top = max(stats.stats.items(), key=lambda item: item[1][2])[0]
+            profiles.append(f"## {label}, {request_label}\n\n{text.getvalue()}")
+            lines.append(f"| {label} | {request_label} | {np.percentile(times, 50):.2f} | {np.percentile(times, 90):.2f} | "
+                         f"{top[2]} ({Path(top[0]).name}:{top[1]}) |")
         del engine
     print("\n".join(lines))
     print("\n\n".join(profiles), file=sys.stderr)

@@ -16,9 +16,13 @@ single queries that came after ran eagerly at 5-12x their graphed latency). A bu
 eagerly, so traffic that never repeats a bucket cannot make every batch pay a capture. `triton_packed` attention does not depend on
 the longest sequence, so for it that part of the key is constant (fewer buckets, fewer captures).
 
-Only batches whose rows all use the base model (or a merged adapter) are graphed: the LoRA layers'
-per-batch segment layout is host-side state that a graph would freeze. The eager path
-(`PackedEncoder.forward` + `pool`) is the reference the GPU tests compare the replay with.
+Batches with adapter rows are graphed too, under a fourth part of the key, the LoRA plan
+(`LoraLayers.graph_plan`): "merged" (one adapter: its slot is a graph input, W + B A is merged per
+linear inside the graph) or "tables" (the block table and the per-token slots are graph inputs, of
+a fixed size per bucket, unused entries empty). Loading an adapter that reallocates LoRA buffers
+drops these graphs (they read the old buffers); loading one into existing buffers does not (the
+graphs read the slots' current weights). The eager path (`PackedEncoder.forward` + `pool`, with
+the layers planned on the host) is the reference the GPU tests compare the replay with.
 """
 
 from __future__ import annotations
@@ -26,14 +30,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .encoder import PackedEncoder
-from .packing import HostPackedArrays, PackedBatch
+from .lora.sgmv_triton import lora_batch_table_arrays, max_lora_blocks
+from .packing import HostPackedArrays, PackedBatch, adapter_segments
 from .pooling import pool
 
 MIN_TOKENS, MIN_SEQUENCES, MIN_SEQLEN = 64, 8, 32
 MAX_GRAPHS = 24
+BASE_PLAN = "base"  # the key's LoRA plan for base-model batches
+
+GraphKey = tuple[int, int, int, str]  # (tokens, sequences, longest sequence, LoRA plan)
 
 
 def _bucket(value: int, minimum: int) -> int:
@@ -43,9 +52,9 @@ def _bucket(value: int, minimum: int) -> int:
 @dataclass
 class _CapturedGraph:
     graph: torch.cuda.CUDAGraph
-    # Two pinned staging buffers, used in turn, [3 * tokens + sequences + 1] int64 each:
-    # ids | positions | sequence index | cu_seqlens. A buffer is rewritten only after its last
-    # copy to the device has finished (its event).
+    # Two pinned staging buffers, used in turn, int64 each (`_layout`): ids | positions | sequence
+    # index | cu_seqlens, then for LoRA plans merged slot | block table | token slots. A buffer is
+    # rewritten only after its last copy to the device has finished (its event).
     host_inputs: tuple[torch.Tensor, torch.Tensor]
     copied: tuple[torch.cuda.Event, torch.cuda.Event]
     device_input: torch.Tensor
@@ -56,28 +65,38 @@ class _CapturedGraph:
 class GraphedForward:
     """Runs planned base-model batches of up to `max_tokens` tokens as CUDA graph replays."""
 
-    def __init__(self, model: PackedEncoder, pooling: str, position_offset: int, max_tokens: int, max_seqlen: int):
+    def __init__(
+        self, model: PackedEncoder, pooling: str, position_offset: int, max_tokens: int, max_seqlen: int,
+        lora_layers=None,
+    ):
         self.model = model
+        self.lora_layers = lora_layers  # lora.layers.LoraLayers, or None: base-model batches only
+        self._lora_generation = lora_layers.buffer_generation if lora_layers is not None else 0
         self.pooling = pooling
         self.position_offset = position_offset
         self.max_tokens = max_tokens
         self.max_seqlen = max_seqlen
-        self.graphs: OrderedDict[tuple[int, int, int], _CapturedGraph] = OrderedDict()  # oldest replay first
+        self.graphs: OrderedDict[GraphKey, _CapturedGraph] = OrderedDict()  # oldest replay first
         self.evictions = 0
-        self._sightings: dict[tuple[int, int, int], int] = {}  # buckets seen while the cache was full
+        self._sightings: dict[GraphKey, int] = {}  # buckets seen while the cache was full
         self.stream = torch.cuda.Stream()
         # One memory pool for all graphs: they replay one at a time on one stream, and each
         # replay's output is copied out (stream-ordered) before the next replay can reuse memory;
         # outputs stay referenced, so no capture hands out another graph's output block.
         self.memory_pool = torch.cuda.graph_pool_handle()
 
-    def bucket(self, host: HostPackedArrays) -> tuple[int, int, int] | None:
+    def bucket(self, host: HostPackedArrays) -> GraphKey | None:
         """The graph bucket that runs this batch, or None: run it eagerly."""
         if self.model.attention_backend not in ("flash_attn", "torch_varlen", "triton_packed"):
             return None  # the SDPA reference syncs with the host: not capturable
-        if host.slots.any() or len(host.input_ids) > self.max_tokens:
+        if len(host.input_ids) > self.max_tokens:
             return None
-        key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()))
+        plan = BASE_PLAN
+        if host.slots.any():
+            plan = self._lora_plan(host.slots)
+            if plan is None:
+                return None
+        key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()), plan)
         if key in self.graphs or len(self.graphs) < MAX_GRAPHS:
             return key
         if len(self._sightings) > 4 * MAX_GRAPHS:
@@ -85,7 +104,24 @@ class GraphedForward:
         self._sightings[key] = self._sightings.get(key, 0) + 1
         return key if self._sightings[key] >= 2 else None
 
-    def _key(self, tokens: int, sequences: int, longest: int) -> tuple[int, int, int]:
+    def _lora_plan(self, slots: np.ndarray) -> str | None:
+        if self.lora_layers is None:
+            return None
+        generation = self.lora_layers.buffer_generation
+        if generation != self._lora_generation:  # buffers reallocated: LoRA graphs read stale ones
+            for key in [key for key in self.graphs if key[3] != BASE_PLAN]:
+                self._drop(key)
+            self._lora_generation = generation
+        if np.count_nonzero(np.diff(slots)) + 1 > self._segment_capacity(_bucket(len(slots) + 1, MIN_SEQUENCES)):
+            return None  # more adapter segments than the bucket's block table holds
+        return self.lora_layers.graph_plan(slots)
+
+    def _segment_capacity(self, bucket_sequences: int) -> int:
+        """Adapter segments a bucket's block table is sized for: the engine groups rows by slot, so a
+        batch has at most one segment per slot."""
+        return min(bucket_sequences, self.lora_layers.num_slots)
+
+    def _key(self, tokens: int, sequences: int, longest: int, plan: str = BASE_PLAN) -> GraphKey:
         return (
             # + 1: at least one padding row, where empty sequences point
             min(_bucket(tokens + 1, MIN_TOKENS), self.max_tokens + 1),
@@ -93,9 +129,23 @@ class GraphedForward:
             self.max_seqlen
             if self.model.attention_backend == "triton_packed"
             else min(_bucket(longest, MIN_SEQLEN), self.max_seqlen),
+            plan,
         )
 
-    def pooled(self, host: HostPackedArrays, key: tuple[int, int, int]) -> torch.Tensor:
+    def _layout(self, key: GraphKey) -> dict[str, slice]:
+        """Where each input lies in a bucket's staging buffer (int64 elements)."""
+        tokens, sequences, _, plan = key
+        sizes = {"input_ids": tokens, "position_ids": tokens, "sequence_index": tokens, "cu_seqlens": sequences + 1}
+        if plan != BASE_PLAN:
+            blocks = max_lora_blocks(tokens, self._segment_capacity(sequences))
+            sizes.update(merged_slot=1, block_table=3 * blocks, token_slots=tokens)
+        layout, offset = {}, 0
+        for name, size in sizes.items():
+            layout[name] = slice(offset, offset + size)
+            offset += size
+        return layout
+
+    def pooled(self, host: HostPackedArrays, key: GraphKey) -> torch.Tensor:
         """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch;
         `key` is `bucket(host)`."""
         num_rows = len(host.lengths)
@@ -106,21 +156,29 @@ class GraphedForward:
             self._sightings.pop(key, None)
             captured = self._capture(key)
         self.graphs.move_to_end(key)
-        tokens, num_sequences, _ = key
+        num_sequences, plan = key[1], key[3]
         total = len(host.input_ids)
         turn = captured.turn
         captured.turn ^= 1
         captured.copied[turn].synchronize()
         view = captured.host_inputs[turn].numpy()
-        view[:total] = host.input_ids
-        view[total:tokens] = 0
-        view[tokens : tokens + total] = host.position_ids
-        view[tokens + total : 2 * tokens] = self.position_offset
-        view[2 * tokens : 2 * tokens + total] = host.sequence_index
-        view[2 * tokens + total : 3 * tokens] = num_sequences - 1  # padding tokens pool into the last
-        cu = view[3 * tokens :]
-        cu[: len(host.cu_seqlens)] = host.cu_seqlens
-        cu[len(host.cu_seqlens) :] = total  # empty sequences
+        layout = self._layout(key)
+
+        def fill(name: str, values, padding) -> None:
+            part = view[layout[name]]
+            part[: len(values)] = values
+            part[len(values) :] = padding
+
+        fill("input_ids", host.input_ids, 0)
+        fill("position_ids", host.position_ids, self.position_offset)
+        fill("sequence_index", host.sequence_index, num_sequences - 1)  # padding tokens pool into the last
+        fill("cu_seqlens", host.cu_seqlens, total)  # empty sequences
+        if plan == "merged":
+            view[layout["merged_slot"]] = host.slots[0]
+        elif plan != BASE_PLAN:
+            table, token_slots = lora_batch_table_arrays(adapter_segments(host.slots, host.cu_seqlens), True)
+            fill("block_table", table.ravel(), 0)  # unused entries: empty blocks
+            fill("token_slots", token_slots, 0)  # padding tokens: the base model
         # Stream order: the copy runs after the previous replay has read its inputs.
         captured.device_input.copy_(captured.host_inputs[turn], non_blocking=True)
         captured.copied[turn].record()
@@ -128,26 +186,32 @@ class GraphedForward:
         return captured.pooled[:num_rows]
 
     def _evict_least_recent(self) -> None:
-        _, evicted = self.graphs.popitem(last=False)
-        # Its last replay's output may still be being copied out: let the device finish first.
-        evicted.copied[0].synchronize()
-        evicted.copied[1].synchronize()
-        torch.cuda.current_stream().synchronize()
+        self._drop(next(iter(self.graphs)))
         self.evictions += 1
 
-    def _capture(self, key: tuple[int, int, int]) -> _CapturedGraph:
-        tokens, num_sequences, longest = key
+    def _drop(self, key: GraphKey) -> None:
+        dropped = self.graphs.pop(key)
+        # Its last replay's output may still be being copied out: let the device finish first.
+        dropped.copied[0].synchronize()
+        dropped.copied[1].synchronize()
+        torch.cuda.current_stream().synchronize()
+
+    def _capture(self, key: GraphKey) -> _CapturedGraph:
+        tokens, num_sequences, longest, plan = key
         device = self.model.embeddings.word_embeddings.weight.device
-        size = 3 * tokens + num_sequences + 1
+        layout = self._layout(key)
+        size = max(part.stop for part in layout.values())
         host_inputs = tuple(torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2))
         device_input = torch.zeros(size, dtype=torch.int64, device=device)
-        cu_seqlens_int64 = device_input[3 * tokens :]
-        cu_seqlens = torch.zeros(num_sequences + 1, dtype=torch.int32, device=device)
+        # The int32 inputs are converted inside the graph, from their int64 staging.
+        int32_inputs = [name for name in ("cu_seqlens", "block_table", "token_slots") if name in layout]
+        int32 = {name: torch.zeros(layout[name].stop - layout[name].start, dtype=torch.int32, device=device)
+                 for name in int32_inputs}
         batch = PackedBatch(
-            input_ids=device_input[:tokens],
-            position_ids=device_input[tokens : 2 * tokens],
-            token_sequence_index=device_input[2 * tokens : 3 * tokens],
-            cu_seqlens=cu_seqlens,
+            input_ids=device_input[layout["input_ids"]],
+            position_ids=device_input[layout["position_ids"]],
+            token_sequence_index=device_input[layout["sequence_index"]],
+            cu_seqlens=int32["cu_seqlens"],
             max_seqlen=longest,
             sequence_lengths=(0,) * num_sequences,
             adapter_segments=(),
@@ -155,19 +219,29 @@ class GraphedForward:
         )
         batch.position_ids.fill_(self.position_offset)  # valid positions for the warm-up runs
 
+        if plan != BASE_PLAN:
+            self.lora_layers.capture(
+                plan, device_input[layout["merged_slot"]], int32["block_table"].view(-1, 3), int32["token_slots"]
+            )
+
         def forward() -> torch.Tensor:
-            cu_seqlens.copy_(cu_seqlens_int64)  # int64 -> int32, inside the graph
+            for name, converted in int32.items():
+                converted.copy_(device_input[layout[name]])  # int64 -> int32, inside the graph
             return pool(self.model(batch), batch, self.pooling)
 
-        # Warm up on a side stream (kernels compile, cuBLAS picks its algorithms), then capture.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream), torch.inference_mode():
-            for _ in range(2):
-                forward()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.memory_pool):
-            pooled = forward()
+        try:
+            # Warm up on a side stream (kernels compile, cuBLAS picks its algorithms), then capture.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream), torch.inference_mode():
+                for _ in range(2):
+                    forward()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=self.memory_pool):
+                pooled = forward()
+        finally:
+            if plan != BASE_PLAN:
+                self.lora_layers.deactivate()
         events = (torch.cuda.Event(), torch.cuda.Event())
         for event in events:
             event.record()

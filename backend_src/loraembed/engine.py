@@ -93,7 +93,7 @@ class BaseModelOnly:
             for adapter_id in adapter_ids
         }
 
-    def activate(self, batch: PackedBatch) -> None:  # no LoRA layers to point at the batch
+    def activate(self, batch: PackedBatch, plan_layers: bool = True) -> None:  # no LoRA layers to point at the batch
         self.counters.count_batch(batch, lambda slot: BASE_ADAPTER_ID)
 
     def release(self) -> None:
@@ -130,6 +130,7 @@ class EmbeddingEngine:
             self.graphed = GraphedForward(
                 self.model, self.settings.pooling, self.settings.encoder_config.position_offset,
                 min(serving.cuda_graph_max_tokens, serving.max_batch_tokens), self.settings.max_seq_len,
+                getattr(self.adapters, "layers", None),
             )
 
     def describe(self) -> str:
@@ -284,10 +285,8 @@ class EmbeddingEngine:
             host = pack_rows(rows, selected, self.settings.encoder_config.position_offset)
             graph_bucket = self.graphed.bucket(host) if self.graphed is not None else None
             if graph_bucket is not None:
-                batch = PackedBatch.host_summary(host)
-                # Bookkeeping (every row is a base-model row), and LoRA layers pointed at no
-                # adapter before a capture can record them.
-                self.adapters.activate(batch)
+                # Bookkeeping only: the graph takes the batch's adapters as device inputs.
+                self.adapters.activate(PackedBatch.host_summary(host), plan_layers=False)
                 batch_rows = self.graphed.pooled(host, graph_bucket)  # [B, H] float32, a CUDA graph replay
             else:
                 batch = to_device(host, self.device)

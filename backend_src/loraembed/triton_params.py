@@ -15,9 +15,13 @@ def parameters_from_model_config(model_config: Mapping[str, Any]) -> dict[str, s
     return {name: value.get("string_value", "") for name, value in model_config.get("parameters", {}).items()}
 
 
+# What `request.parameters()` returns for a request without parameters: callers skip parsing.
+NO_PARAMETERS = frozenset({"", "{}"})
+
+
 def request_parameters(parameters_json: str) -> dict[str, Any]:
     """A request's parameters (Triton passes them as a JSON object string)."""
-    return json.loads(parameters_json) if parameters_json else {}
+    return json.loads(parameters_json) if parameters_json not in NO_PARAMETERS else {}
 
 
 def instance_device(kind: str, device_id: str | int, cpu_threads: int = 0) -> torch.device:

@@ -56,14 +56,20 @@ def last_hidden_state_cuda(model, ids, mask, adapter):
             return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
-def make_lora_engine(xlmr_base_folder, root) -> EmbeddingEngine:
+def make_lora_engine(xlmr_base_folder, root, graph_tokens: int = 16384) -> EmbeddingEngine:
     return EmbeddingEngine(
         ServingConfig.from_parameters(
-            {"model": str(xlmr_base_folder), "adapter_root": str(root), "pooling": "mean", "dtype": "bfloat16"},
+            {"model": str(xlmr_base_folder), "adapter_root": str(root), "pooling": "mean", "dtype": "bfloat16",
+             "cuda_graph_max_tokens": str(graph_tokens)},
             environ={},
         ),
         "cuda",
     )
+
+
+# Both ways a GPU batch runs: a CUDA graph replay (the default for batches up to 16k tokens) and
+# the eager forward.
+GRAPHS = pytest.mark.parametrize("graph_tokens", [16384, 0], ids=["graphs", "eager"])
 
 
 def random_rows(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +89,10 @@ def not_expected(what: str):
     return fail
 
 
-def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, monkeypatch):
+@GRAPHS
+def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, monkeypatch, graph_tokens):
     root, models = adapters
-    engine = make_lora_engine(xlmr_base_folder, root)
+    engine = make_lora_engine(xlmr_base_folder, root, graph_tokens)
     monkeypatch.setattr(lora_layers, "apply_segmented_lora", not_expected("the reference segmented LoRA"))
     fused_calls = []
     add_lora_activation = encoder_module.add_lora_activation
@@ -100,6 +107,7 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
     ids, mask = random_rows(24, seed=0)
     ours = engine.embed([EncoderRequest(ids, mask, adapter_ids, {"normalize": False})])[0]
     assert fused_calls  # the intermediate.dense expand went into the GELU kernel
+    assert (engine.graphed is not None and [key[3] for key in engine.graphed.graphs] == ["tables"]) == bool(graph_tokens)
 
     any_model = next(iter(models.values()))
     for name in names:
@@ -117,11 +125,12 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
             assert moved.max() < 0.999
 
 
+@GRAPHS
 @pytest.mark.parametrize("name", ["r16-all-rslora", "r64-mlp"])
-def test_single_adapter_batch_is_merged_and_matches_peft_in_bf16(xlmr_base_folder, adapters, monkeypatch, name):
+def test_single_adapter_batch_is_merged_and_matches_peft_in_bf16(xlmr_base_folder, adapters, monkeypatch, name, graph_tokens):
     """Every row uses one adapter: W + B A per linear, one GEMM each, no shrink or expand."""
     root, models = adapters
-    engine = make_lora_engine(xlmr_base_folder, root)
+    engine = make_lora_engine(xlmr_base_folder, root, graph_tokens)
     monkeypatch.setattr(lora_layers, "apply_segmented_lora", not_expected("the reference segmented LoRA"))
     monkeypatch.setattr(lora_layers, "lora_shrink", not_expected("the shrink"))
     ids, mask = random_rows(12, seed=1)
@@ -130,3 +139,46 @@ def test_single_adapter_batch_is_merged_and_matches_peft_in_bf16(xlmr_base_folde
     cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
     print(f"adapter {name} merged: min cosine {cosine.min():.6f}")
     assert cosine.min() >= 0.999
+    assert (engine.graphed is not None and [key[3] for key in engine.graphed.graphs] == ["merged"]) == bool(graph_tokens)
+
+
+def test_adapter_graph_replays_equal_the_eager_engine_across_buckets_and_buffer_growth(xlmr_base_folder, adapters):
+    """Merged and block-table graphs, replayed with other slots, lengths and segment layouts than
+    they were captured with, equal the eager engine; an adapter that grows the LoRA buffers drops
+    the graphs that read the old ones, and the batches that replayed them still come out right."""
+    root, _ = adapters
+    graphed = make_lora_engine(xlmr_base_folder, root)
+    eager = make_lora_engine(xlmr_base_folder, root, graph_tokens=0)
+    rng = np.random.default_rng(7)
+
+    def check(lengths, adapter_ids):
+        ids = np.ones((len(lengths), max(lengths)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, length in enumerate(lengths):
+            ids[row, :length] = np.concatenate([[0], rng.integers(4, 250002, length - 2), [2]])
+            mask[row, :length] = 1
+        request = [EncoderRequest(ids, mask, adapter_ids, {"normalize": False})]
+        ours, reference = graphed.embed(request)[0], eager.embed(request)[0]
+        cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cosine.min() >= 0.9999, (lengths, adapter_ids, cosine.min())
+
+    names = ["", "r4-qv", "r16-all-rslora"]
+    rounds = [
+        ([16], ["r4-qv"]),  # merged
+        ([16], ["r16-all-rslora"]),  # the same merged graph, another slot
+        ([16, 40, 7], ["", "r4-qv", "r16-all-rslora"]),  # tables
+        ([9, 30, 12], ["r16-all-rslora", "", "r16-all-rslora"]),  # the same graph, another layout
+        (rng.integers(4, 200, 60).tolist(), [names[i % 3] for i in range(60)]),
+        ([300] * 10, ["r16-all-rslora"]),
+    ]
+    for lengths, adapter_ids in rounds * 2:
+        check(lengths, adapter_ids)
+    plans = [key[3] for key in graphed.graphed.graphs]
+    assert "merged" in plans and "tables" in plans, plans
+    generation = graphed.adapters.layers.buffer_generation
+    check([50, 60, 70], ["r64-mlp", "r16-all-rslora", ""])  # loads r64-mlp: rank 64 > 16 in the MLP linears
+    assert graphed.adapters.layers.buffer_generation > generation
+    # Only the graph just captured reads LoRA buffers: the others were dropped.
+    assert [key[3] for key in graphed.graphed.graphs if key[3] != "base"] == ["tables"]
+    for lengths, adapter_ids in rounds:
+        check(lengths, adapter_ids)

@@ -11,16 +11,31 @@ import pytest
 
 import loraembed.cuda_graphs as cuda_graphs
 from loraembed.cuda_graphs import GraphedForward
+from loraembed.lora.layers import LoraLayers
+from loraembed.lora.sgmv_triton import BLOCK_T, lora_batch_table_arrays
 from loraembed.packing import PackingRows, pack_rows
 
 
-def graphed(attention_backend: str, max_tokens: int = 8192) -> GraphedForward:
+def graphed(attention_backend: str, max_tokens: int = 8192, lora_layers=None) -> GraphedForward:
     # The bucket policy without __init__'s CUDA stream and memory pool.
     forward = GraphedForward.__new__(GraphedForward)
     forward.model = SimpleNamespace(attention_backend=attention_backend)
     forward.max_tokens, forward.max_seqlen = max_tokens, 512
     forward.graphs, forward._sightings = OrderedDict(), {}
+    forward.lora_layers, forward._lora_generation = lora_layers, 0
     return forward
+
+
+class KernelLoraLayers:
+    """`LoraLayers.graph_plan`'s answer on a GPU whose kernels cover every adapter, without weights."""
+
+    num_slots = 5
+    buffer_generation = 0
+    use_block_tables = merge_single_adapter = True
+    graph_plan = LoraLayers.graph_plan
+
+    def __init__(self):
+        self.linears, self._kernels_cover = {}, (-1, False)
 
 
 def host_batch(lengths, slots=None):
@@ -31,25 +46,59 @@ def host_batch(lengths, slots=None):
 
 
 def test_buckets_round_up_and_ignore_the_longest_sequence_for_triton_packed():
-    assert graphed("triton_packed").bucket(host_batch([16])) == (64, 8, 512)
-    assert graphed("triton_packed").bucket(host_batch([300] * 20)) == (8192, 32, 512)
-    assert graphed("flash_attn").bucket(host_batch([16, 100])) == (128, 8, 128)
+    assert graphed("triton_packed").bucket(host_batch([16])) == (64, 8, 512, "base")
+    assert graphed("triton_packed").bucket(host_batch([300] * 20)) == (8192, 32, 512, "base")
+    assert graphed("flash_attn").bucket(host_batch([16, 100])) == (128, 8, 128, "base")
 
 
 @pytest.mark.parametrize(
     "backend, lengths, slots",
     [("sdpa", [16], None), ("triton_packed", [16, 16], [0, 3]), ("triton_packed", [5000, 5000], None)],
-    ids=["reference attention", "adapter rows", "over max_tokens"],
+    ids=["reference attention", "adapter rows without LoRA layers", "over max_tokens"],
 )
 def test_batches_that_run_eagerly(backend, lengths, slots):
     assert graphed(backend).bucket(host_batch(lengths, slots)) is None
 
 
+def test_adapter_batches_are_graphed_by_plan():
+    forward = graphed("triton_packed", lora_layers=KernelLoraLayers())
+    assert forward.bucket(host_batch([16], [3])) == (64, 8, 512, "merged")  # one adapter: merged per linear
+    assert forward.bucket(host_batch([16, 16, 16], [0, 3, 4])) == (64, 8, 512, "tables")
+    assert forward.bucket(host_batch([16, 16], [2, 2])) == (64, 8, 512, "merged")
+    assert forward.bucket(host_batch([16, 16], [0, 2])) == (64, 8, 512, "tables")  # base rows too
+    forward.lora_layers.merge_single_adapter = False
+    assert forward.bucket(host_batch([16], [3])) == (64, 8, 512, "tables")
+    forward.lora_layers.use_block_tables = False  # the CPU reference plan: host state, not capturable
+    assert forward.bucket(host_batch([16], [3])) is None
+
+
+def test_a_batch_with_more_segments_than_its_block_table_holds_runs_eagerly():
+    forward = graphed("triton_packed", lora_layers=KernelLoraLayers())  # 5 slots
+    # Nine rows alternating between slots: nine segments (the engine would have grouped them).
+    assert forward.bucket(host_batch([16] * 9, [1, 2] * 4 + [1])) is None
+    assert forward.bucket(host_batch([16] * 9, [1] * 4 + [2] * 5)) == (256, 16, 512, "tables")
+
+
+@pytest.mark.parametrize("lengths, slots", [([16], [3]), ([200, 5, 64, 300], [0, 1, 1, 4]), ([64] * 30 + [1], [2] * 31)])
+def test_the_staging_layout_holds_every_batch_of_its_bucket(lengths, slots):
+    forward = graphed("triton_packed", lora_layers=KernelLoraLayers())
+    host = host_batch(lengths, slots)
+    key = forward.bucket(host)
+    layout = forward._layout(key)
+    assert [part.start for part in layout.values()][1:] == [part.stop for part in layout.values()][:-1]  # back to back
+    table, token_slots = lora_batch_table_arrays(
+        cuda_graphs.adapter_segments(host.slots, host.cu_seqlens), with_token_slots=True
+    )
+    assert table.size <= layout["block_table"].stop - layout["block_table"].start
+    assert len(token_slots) <= layout["token_slots"].stop - layout["token_slots"].start == key[0]
+    assert (table[:, 1] - table[:, 0]).max() <= BLOCK_T
+
+
 def test_when_full_a_bucket_is_graphed_from_its_second_sighting(monkeypatch):
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
     forward = graphed("triton_packed")
-    forward.graphs[(64, 8, 512)] = forward.graphs[(1024, 16, 512)] = object()  # full
-    assert forward.bucket(host_batch([16])) == (64, 8, 512)  # already graphed
+    forward.graphs[(64, 8, 512, "base")] = forward.graphs[(1024, 16, 512, "base")] = object()  # full
+    assert forward.bucket(host_batch([16])) == (64, 8, 512, "base")  # already graphed
     new = host_batch([300] * 20)
     assert forward.bucket(new) is None  # first sighting: eager
-    assert forward.bucket(new) == (8192, 32, 512)  # second: worth evicting for
+    assert forward.bucket(new) == (8192, 32, 512, "base")  # second: worth evicting for

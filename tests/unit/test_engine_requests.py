@@ -220,9 +220,9 @@ class SlotsWithoutWeights(BaseModelOnly):
     def acquire(self, adapter_ids):
         return {adapter_id: self.slots[adapter_id] for adapter_id in adapter_ids}
 
-    def activate(self, batch):
+    def activate(self, batch, plan_layers=True):
         self.activated_segments.append([segment.slot for segment in batch.adapter_segments])
-        super().activate(batch)
+        super().activate(batch, plan_layers)
 
 
 def test_rows_come_back_in_request_order_when_adapter_grouping_reorders_them(engine, monkeypatch):

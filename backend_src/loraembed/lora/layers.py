@@ -18,12 +18,18 @@ How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing sync
   the GELU pass for intermediate.dense, residual + LayerNorm for the two other dense layers. The
   fused Q/K/V output goes to attention, so its expand still accumulates into it;
 - on the CPU, per-segment PyTorch matmuls (`apply_segmented_lora`), the reference.
+
+A CUDA graph captures the same two GPU plans with device-side inputs instead of host state
+(`LoraLayers.capture`): the merged slot as a device index, and fixed-size block and token-slot
+tables; every linear that has LoRA buffers then runs its LoRA (slots without it there add zeros).
+A replay stays valid while no linear's buffers are reallocated (`LoraBatchState.buffer_generation`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,7 +96,10 @@ class LoraBatchState:
     slot_bits: int = 0  # bit s set: some token of the batch uses slot s
     block_table: torch.Tensor | None = None  # for the shrink/expand; see sgmv_triton.build_block_table
     token_slots: torch.Tensor | None = None  # [T] int32, set when expands are deferred to consumers
-    merged_slot: int | None = None  # every token uses this slot: merge W + B A per linear
+    merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
+    # (a device index [1] int64 in a CUDA graph)
+    graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
+    buffer_generation: int = 0  # bumped whenever a linear's LoRA buffers are (re)allocated
     merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
 
     def merge_buffer(self, weight: torch.Tensor) -> torch.Tensor:
@@ -140,6 +149,7 @@ class SegmentedLoraLinear(nn.Linear):
         for width in self.slice_widths:
             columns.append(columns[-1] + width)
         self.lora_a_cat, self.lora_b_cat, self.rank_capacity = lora_a_cat, lora_b_cat, rank
+        self.batch_state.buffer_generation += 1  # graphs that read the old buffers are stale
         self.lora_a = tuple(lora_a_cat[:, index * rank : (index + 1) * rank] for index in range(slices))
         self.lora_b = tuple(lora_b_cat[:, columns[i] : columns[i + 1]] for i in range(slices))
 
@@ -178,7 +188,7 @@ class SegmentedLoraLinear(nn.Linear):
         the output's consumer is a `fused_ops` kernel that adds the delta in its own pass; the
         delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`)."""
         state = self.batch_state
-        if not self.lora_slot_bits & state.slot_bits:
+        if not (self.rank_capacity if state.graph_capture else self.lora_slot_bits & state.slot_bits):
             return F.linear(x, self.weight, self.bias), None  # [T, out]
         if state.merged_slot is not None:
             return F.linear(x, self._merged_weight(state.merged_slot), self.bias), None
@@ -199,22 +209,27 @@ class SegmentedLoraLinear(nn.Linear):
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output, None
 
-    def _merged_weight(self, slot: int) -> torch.Tensor:
-        """W + B[slot] A[slot] per output slice, into the shared scratch weight [out, in]."""
+    def _merged_weight(self, slot: int | torch.Tensor) -> torch.Tensor:
+        """W + B[slot] A[slot] per output slice, into the shared scratch weight [out, in]; `slot` is
+        an int, or a device index [1] (a CUDA graph's input)."""
+
+        def of_slot(stack: torch.Tensor) -> torch.Tensor:
+            return stack[slot] if isinstance(slot, int) else stack.index_select(0, slot)[0]
+
         merged = self.batch_state.merge_buffer(self.weight)
         slices, rank = len(self.slice_widths), self.rank_capacity
         if all(width == self.slice_widths[0] for width in self.slice_widths):  # one launch for all slices
             width = self.slice_widths[0]
             torch.baddbmm(
                 self.weight.view(slices, width, self.in_features),
-                self.lora_b_cat[slot].view(slices, width, rank),
-                self.lora_a_cat[slot].view(slices, rank, self.in_features),
+                of_slot(self.lora_b_cat).view(slices, width, rank),
+                of_slot(self.lora_a_cat).view(slices, rank, self.in_features),
                 out=merged.view(slices, width, self.in_features),
             )
             return merged
         row = 0
         for index, width in enumerate(self.slice_widths):
-            torch.addmm(self.weight[row : row + width], self.lora_b[index][slot], self.lora_a[index][slot],
+            torch.addmm(self.weight[row : row + width], of_slot(self.lora_b[index]), of_slot(self.lora_a[index]),
                         out=merged[row : row + width])
             row += width
         return merged
@@ -238,6 +253,7 @@ class LoraLayers:
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
+        self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
         self.linears: dict[str, SegmentedLoraLinear] = {}
         for target in self.targets.values():
             if target.linear_name in self.linears:
@@ -286,6 +302,47 @@ class LoraLayers:
 
     def deactivate(self) -> None:
         self.activate(())
+        self.batch_state.graph_capture = False
+
+    @property
+    def buffer_generation(self) -> int:
+        return self.batch_state.buffer_generation
+
+    def graph_plan(self, slots: np.ndarray) -> str | None:
+        """How a CUDA graph would run a batch whose rows use `slots` (some nonzero): "merged" (one
+        adapter, merged per linear), "tables" (block tables), or None: it cannot be captured (the
+        CPU, or a linear whose LoRA the Triton kernels do not cover)."""
+        if not self.use_block_tables:
+            return None
+        if self._kernels_cover[0] != self.buffer_generation:  # once per buffer layout, not per batch
+            covered = all(
+                sgmv_supported(linear.weight, linear.slice_widths[0], linear.rank_capacity)
+                and all(width == linear.slice_widths[0] for width in linear.slice_widths)
+                for linear in self.linears.values()
+                if linear.rank_capacity
+            )
+            self._kernels_cover = (self.buffer_generation, covered)
+        if not self._kernels_cover[1]:
+            return None
+        if self.merge_single_adapter and slots[0] != 0 and (slots == slots[0]).all():
+            return "merged"
+        return "tables"
+
+    def capture(
+        self, plan: str, merged_slot: torch.Tensor, block_table: torch.Tensor, token_slots: torch.Tensor
+    ) -> None:
+        """Point every linear that has LoRA buffers at a CUDA graph's device-side inputs, for its
+        warm-up and capture (`deactivate` after). `merged_slot` [1] int64 is used by the "merged"
+        plan; `block_table` [blocks, 3] int32 (unused entries empty) and `token_slots` [T] int32 by
+        "tables"."""
+        state = self.batch_state
+        state.segments, state.slot_bits, state.graph_capture = (), 0, True
+        state.block_table = state.token_slots = state.merged_slot = None
+        if plan == "merged":
+            state.merged_slot = merged_slot
+        else:
+            state.block_table = block_table
+            state.token_slots = token_slots if self.defer_expand else None
 
 
 @torch.no_grad()

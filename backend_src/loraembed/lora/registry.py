@@ -228,9 +228,13 @@ class AdapterRegistry:
                 slots[adapter_id] = error
         return slots
 
-    def activate(self, batch: PackedBatch) -> None:
-        """Point the LoRA layers at the adapter segments of the batch about to run."""
-        self.layers.activate(batch.adapter_segments)
+    def activate(self, batch: PackedBatch, plan_layers: bool = True) -> None:
+        """Count the batch about to run, and point the LoRA layers at its adapter segments (not
+        with `plan_layers=False`: a CUDA graph replay, which takes them as device inputs)."""
+        if plan_layers:
+            self.layers.activate(batch.adapter_segments)
+        else:
+            self.layers.deactivate()
         self.counters.count_batch(batch, lambda slot: self._slot_owner[slot] or BASE_ADAPTER_ID)
 
     def release(self) -> None:
@@ -366,7 +370,7 @@ class MergedAdapterRegistry:
             for adapter_id in adapter_ids
         }
 
-    def activate(self, batch: PackedBatch) -> None:
+    def activate(self, batch: PackedBatch, plan_layers: bool = True) -> None:
         self.counters.count_batch(batch, lambda slot: self.merged_id)
 
     def release(self) -> None:

@@ -36,26 +36,43 @@ def build_block_table(segments, device: torch.device) -> torch.Tensor | None:
     return build_lora_batch_tables(segments, device, with_token_slots=False)[0]
 
 
-def build_lora_batch_tables(
-    segments, device: torch.device, with_token_slots: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The block table (see build_block_table) and, if asked, the slot of every token [T] int32
-    (0 = base), in one host-to-device copy; (None, None) when no token uses an adapter."""
+def lora_batch_table_arrays(segments, with_token_slots: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Host arrays of a batch's LoRA tables: the block table [blocks, 3] int64 (token start, token
+    end, slot) of every non-base segment, cut into blocks of at most BLOCK_T tokens, and, if asked,
+    the slot of every token [T] int64 (0 = base). No blocks when no token uses an adapter."""
     runs = [(s.slot, s.token_start, s.token_end) for s in segments if s.slot and s.token_end > s.token_start]
+    total = max((s.token_end for s in segments), default=0)
+    token_slots = np.zeros(total, dtype=np.int64) if with_token_slots else None
     if not runs:
-        return None, None
+        return np.zeros((0, 3), dtype=np.int64), token_slots
     slots, starts, ends = (np.array(column, dtype=np.int64) for column in zip(*runs))
     counts = (ends - starts + BLOCK_T - 1) // BLOCK_T  # blocks per segment
     block_in_segment = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     block_starts = np.repeat(starts, counts) + BLOCK_T * block_in_segment
     block_ends = np.minimum(block_starts + BLOCK_T, np.repeat(ends, counts))
-    table = np.stack([block_starts, block_ends, np.repeat(slots, counts)], 1)  # [blocks, 3]
+    if token_slots is not None:
+        for slot, start, end in runs:
+            token_slots[start:end] = slot
+    return np.stack([block_starts, block_ends, np.repeat(slots, counts)], 1), token_slots
+
+
+def max_lora_blocks(tokens: int, segments: int) -> int:
+    """An upper bound on the blocks of a batch of `tokens` tokens in `segments` adapter segments
+    (each segment adds at most one partial block): the size of a CUDA graph's fixed block table."""
+    return -(-tokens // BLOCK_T) + segments
+
+
+def build_lora_batch_tables(
+    segments, device: torch.device, with_token_slots: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The block table (see lora_batch_table_arrays) and, if asked, the slot of every token [T]
+    int32, on `device` in one host-to-device copy; (None, None) when no token uses an adapter."""
+    table, token_slots = lora_batch_table_arrays(segments, with_token_slots)
+    if not len(table):
+        return None, None
     table_size = -(-table.size // 4) * 4  # the token slots start 16-byte aligned (kernel pointer alignment)
     parts = [table.ravel(), np.zeros(table_size - table.size, dtype=np.int64)]
     if with_token_slots:
-        token_slots = np.zeros(max(s.token_end for s in segments), dtype=np.int64)
-        for slot, start, end in runs:
-            token_slots[start:end] = slot
         parts.append(token_slots)
     flat = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     if device.type == "cuda":
@@ -77,6 +94,8 @@ if triton is not None:
         rank_block = tl.program_id(1)
         token_start = tl.load(table_ptr + 3 * block)
         token_end = tl.load(table_ptr + 3 * block + 1)
+        if token_end <= token_start:  # an unused entry of a CUDA graph's fixed-size table
+            return
         slot = tl.load(table_ptr + 3 * block + 2).to(tl.int64)
         tokens = token_start + tl.arange(0, BLOCK_T)  # [BT]
         ranks = rank_block * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
@@ -105,6 +124,8 @@ if triton is not None:
         column_block = tl.program_id(1)
         token_start = tl.load(table_ptr + 3 * block)
         token_end = tl.load(table_ptr + 3 * block + 1)
+        if token_end <= token_start:
+            return
         slot = tl.load(table_ptr + 3 * block + 2).to(tl.int64)
         tokens = token_start + tl.arange(0, BLOCK_T)  # [BT]
         columns = column_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN], all inside one slice
