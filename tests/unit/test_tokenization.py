@@ -181,3 +181,26 @@ def test_requests_of_one_batch_are_padded_each_to_its_own_longest(tiny_xlmr_path
         np.testing.assert_array_equal(input_ids, alone_ids)
         np.testing.assert_array_equal(attention_mask, alone_mask)
         assert attention_mask[:, -1].any()
+
+
+@pytest.mark.parametrize("max_seq_len, truncate", [(64, True), (6, True), (512, False)])
+def test_small_batches_encoded_one_by_one_equal_the_batch_path(normalizing_xlmr_path, monkeypatch, max_seq_len, truncate):
+    # Batches of at most SERIAL_MAX_CHARS characters skip the thread pool; the ids must not change.
+    import loraembed.tokenization as tokenization
+
+    texts = NORMALIZED_TEXTS + TEXTS[:4] + TEXTS[5:]
+    requests = [[text] for text in texts] + [texts[:3], texts]
+    tokenizer = TextTokenizer(normalizing_xlmr_path, max_seq_len)
+    assert sum(map(len, texts)) <= tokenization.SERIAL_MAX_CHARS
+    one_by_one = tokenizer.encode_requests(requests, [truncate] * len(requests))
+    monkeypatch.setattr(tokenization, "SERIAL_MAX_CHARS", 0)
+    batched = tokenizer.encode_requests(requests, [truncate] * len(requests))
+    for (ids, mask), (batch_ids, batch_mask) in zip(one_by_one, batched):
+        assert ids.dtype == mask.dtype == np.int64
+        np.testing.assert_array_equal(ids, batch_ids)
+        np.testing.assert_array_equal(mask, batch_mask)
+
+
+def test_one_text_too_long_names_its_length(tiny_xlmr_path):
+    with pytest.raises(SequenceTooLongError, match=r"text 0 is \d+ tokens, more than max_seq_len=4; send truncate=true"):
+        TextTokenizer(tiny_xlmr_path, 4).encode(["hello world and the text of it"], truncate=False)

@@ -27,14 +27,15 @@ def _metric_family(name: str, description: str, kind: str):
 
 
 def _read_request(request) -> EncoderRequest:
-    adapter_tensor = pb_utils.get_input_tensor_by_name(request, "ADAPTER_ID")
+    inputs = {tensor.name(): tensor for tensor in request.inputs()}  # one call, not one per name
+    adapter_tensor = inputs.get("ADAPTER_ID")
     try:
         adapter_ids = None if adapter_tensor is None else decode_strings(adapter_tensor.as_numpy())
     except UnicodeDecodeError:
         raise InvalidInputError("ADAPTER_ID is not valid UTF-8") from None
     return EncoderRequest(
-        input_ids=pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy(),
-        attention_mask=pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
+        input_ids=inputs["INPUT_IDS"].as_numpy(),
+        attention_mask=inputs["ATTENTION_MASK"].as_numpy(),
         adapter_ids=adapter_ids,
         parameters=request_parameters(request.parameters()),
     )

@@ -10,9 +10,11 @@ from loraembed.config import RequestOptions, ServingConfig
 from loraembed.engine import ModelSettings
 from loraembed.errors import LoraEmbedError, RequestError
 from loraembed.tokenization import TextTokenizer
-from loraembed.triton_params import parameters_from_model_config, request_parameters
+from loraembed.triton_params import NO_PARAMETERS, parameters_from_model_config, request_parameters
 
 assert np.__version__.startswith("1."), f"Triton 2.51's Python stub needs numpy<2, found {np.__version__}"
+
+NO_ADAPTER = np.full((1, 1), b"", dtype=object)  # ENCODER_ADAPTER_ID of one text without ADAPTER_ID (read-only use)
 
 
 def _error_response(error: Exception, code_name: str = "INVALID_ARG"):
@@ -31,18 +33,24 @@ class TritonPythonModel:
 
     def _read_request(self, request):
         """(texts, adapter ids [n, 1] bytes, truncate) or a RequestError for this request."""
-        texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-        options = RequestOptions.from_parameters(
-            request_parameters(request.parameters()), self.default_normalize, self.hidden_size
+        inputs = {tensor.name(): tensor for tensor in request.inputs()}  # one call, not one per name
+        texts = inputs["TEXT"].as_numpy().reshape(-1)
+        parameters = request.parameters()
+        truncate = (
+            True  # no parameters (most requests): the defaults, without parsing
+            if parameters in NO_PARAMETERS
+            else RequestOptions.from_parameters(
+                request_parameters(parameters), self.default_normalize, self.hidden_size
+            ).truncate
         )
-        adapter_tensor = pb_utils.get_input_tensor_by_name(request, "ADAPTER_ID")
+        adapter_tensor = inputs.get("ADAPTER_ID")
         if adapter_tensor is None:
-            adapter_ids = np.full((len(texts), 1), b"", dtype=object)
+            adapter_ids = NO_ADAPTER if len(texts) == 1 else np.full((len(texts), 1), b"", dtype=object)
         else:
             adapter_ids = adapter_tensor.as_numpy().reshape(-1, 1)
             if len(adapter_ids) == 1:
                 adapter_ids = np.repeat(adapter_ids, len(texts), axis=0)
-        return self.tokenizer.decode_texts(list(texts)), adapter_ids, options.truncate
+        return self.tokenizer.decode_texts(list(texts)), adapter_ids, truncate
 
     def execute(self, requests):
         responses = [None] * len(requests)
