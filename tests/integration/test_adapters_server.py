@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,12 +155,24 @@ def scrape(server) -> dict[tuple[str, str | None], float]:
     return values
 
 
+def scrape_settled(server) -> dict[tuple[str, str | None], float]:
+    """Metrics once earlier requests' publications have landed (the encoder publishes from a thread
+    ~10 ms after a batch): two scrapes 100 ms apart agree."""
+    values = scrape(server)
+    for _ in range(100):
+        time.sleep(0.1)
+        values, previous = scrape(server), values
+        if values == previous:
+            break
+    return values
+
+
 def test_concurrent_tenants_beyond_the_slots_are_evicted_and_counted(server, adapters):
     """Five tenants, two device slots: every answer is right; loads, evictions and per-adapter
     counts show on the metrics port."""
     tenants = list(TENANTS)
     requests = [(tenants[index % 5], [index % 8, (3 * index + 1) % 8]) for index in range(40)]
-    before = scrape(server)
+    before = scrape_settled(server)
 
     def send(request):
         adapter_id, rows = request
@@ -170,7 +183,16 @@ def test_concurrent_tenants_beyond_the_slots_are_evicted_and_counted(server, ada
     for (adapter_id, rows), result in zip(requests, results):
         assert_close(result, adapters.expected[adapter_id][rows])
 
-    after = scrape(server)
+    total_tokens = sum(adapters.token_counts[row] for _, rows in requests for row in rows)
+    # The encoder publishes from a thread ~10 ms after a batch; loraembed_forward_tokens_total is
+    # the last metric of a publication.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(server)
+        published = after.get(("loraembed_forward_tokens_total", None), 0) - before.get(("loraembed_forward_tokens_total", None), 0)
+        if published >= total_tokens or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def grew(name, adapter=None):
         return after.get((name, adapter), 0) - before.get((name, adapter), 0)
@@ -187,7 +209,7 @@ def test_concurrent_tenants_beyond_the_slots_are_evicted_and_counted(server, ada
     assert after["loraembed_adapters_resident", None] == 2
     assert after["loraembed_adapter_slots", None] == 2
     passes, tokens = grew("loraembed_forward_passes_total"), grew("loraembed_forward_tokens_total")
-    assert 0 < passes <= 40 and tokens == sum(adapters.token_counts[row] for _, rows in requests for row in rows)
+    assert 0 < passes <= 40 and tokens == total_tokens
     assert ("loraembed_adapter_texts_total", "(base)") in after  # "" is labelled "(base)"
 
 

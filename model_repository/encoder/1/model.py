@@ -3,6 +3,8 @@ Thin: validation, packing, LoRA and the forward pass are loraembed.engine.Embedd
 adapter metrics it publishes are loraembed.lora.metrics."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -50,6 +52,15 @@ class TritonPythonModel:
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics = AdapterMetricsPublisher(_metric_family, labels)
         self.metrics.publish(self.engine.adapters.snapshot())  # adapter_preload's loads, the gauges
+        # Later snapshots are published by a thread, off the request path: each metric update is a
+        # round trip to the server (5 per batch: 86 us each, 430 us of a 1.4 ms single-query execute
+        # on a 2-core CPU). It publishes the latest snapshot within ~10 ms of a batch; batches that
+        # come faster share one publication.
+        self._snapshot = None
+        self._snapshot_ready = threading.Event()
+        self._stopping = False
+        self._publisher = threading.Thread(target=self._publish_metrics, name="loraembed-metrics", daemon=True)
+        self._publisher.start()
         pb_utils.Logger.log_info(f"loraembed encoder ready: {self.engine.describe()}")
 
     def execute(self, requests):
@@ -73,10 +84,24 @@ class TritonPythonModel:
             else:
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", result)])
         try:
-            self.metrics.publish(self.engine.adapters.snapshot())
+            self._snapshot = self.engine.adapters.snapshot()
+            self._snapshot_ready.set()
         except Exception as error:  # metrics must never fail requests that were served
-            pb_utils.Logger.log_error(f"loraembed encoder: publishing metrics failed: {error}")
+            pb_utils.Logger.log_error(f"loraembed encoder: reading the adapter metrics failed: {error}")
         return responses
 
+    def _publish_metrics(self):
+        while not self._stopping:
+            self._snapshot_ready.wait()
+            time.sleep(0.01)  # let the batches of the next few ms join this publication
+            self._snapshot_ready.clear()
+            try:
+                self.metrics.publish(self._snapshot)
+            except Exception as error:  # keep publishing later snapshots
+                pb_utils.Logger.log_error(f"loraembed encoder: publishing metrics failed: {error}")
+
     def finalize(self):
+        self._stopping = True
+        self._snapshot_ready.set()
+        self._publisher.join(timeout=10)
         self.metrics.close()
