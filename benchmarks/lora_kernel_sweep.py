@@ -72,7 +72,7 @@ def main() -> None:
         rank_total = a.shape[1]
         out = torch.empty(tokens, rank_total, device=device)
         current_r = min(64, max(16, triton.next_power_of_2(rank_total)))
-        settings = [(current_r, 64, 4, 3)] + [
+        settings = [(current_r, sgmv_triton.SHRINK_BLOCK_K, 4, 3)] + [
             (block_r, block_k, warps, stages)
             for block_r, block_k, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3, 4))
             if block_r <= max(16, triton.next_power_of_2(rank_total))
@@ -103,9 +103,11 @@ def main() -> None:
             print(f"expand {block_n},{warps},{stages}: {type(error).__name__}", file=sys.stderr)
 
     # GELU + LoRA over the intermediate output, in place as the layer runs it.
+    launch = fused_ops.LORA_ACTIVATION_LAUNCH
+    current_activation = (launch["BLOCK_T"], launch["BLOCK_N"], fused_ops.LORA_RANK_CHUNK, launch["num_warps"], launch["num_stages"])
     rows.append(("gelu + lora", "plain F.gelu, no LoRA (bound)", microseconds(lambda: torch.nn.functional.gelu(wide))))
     for index, (block_t, block_n, block_r, warps, stages) in enumerate(dict.fromkeys(
-        [(64, 128, 16, 8, 1)] + list(itertools.product((32, 64, 128), (64, 128, 256), (16,), (4, 8), (1, 2)))
+        [current_activation] + list(itertools.product((32, 64, 128), (64, 128, 256), (16,), (4, 8), (1, 2)))
     )):
         def run(block_t=block_t, block_n=block_n, block_r=block_r, warps=warps, stages=stages):
             fused_ops._add_lora_activation_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(INTERMEDIATE, block_n))](
@@ -123,7 +125,7 @@ def main() -> None:
                  microseconds(lambda: fused_ops.add_layer_norm(x, residual, norm_weight, norm_bias, 1e-5))))
     out = torch.empty_like(x)
     for index, (rows_per, block_r, warps, stages) in enumerate(dict.fromkeys(
-        [(fused_ops.ROWS_PER_LORA_NORM, fused_ops.LORA_RANK_CHUNK, 16, 1)] + list(itertools.product((16, 32, 64), (16,), (4, 8, 16), (1, 2)))
+        [(fused_ops.ROWS_PER_LORA_NORM, fused_ops.LORA_RANK_CHUNK, *fused_ops.LORA_LAYER_NORM_LAUNCH.values())] + list(itertools.product((16, 32, 64), (16,), (4, 8, 16), (1, 2)))
     )):
         def run(rows_per=rows_per, block_r=block_r, warps=warps, stages=stages):
             fused_ops._add_lora_layer_norm_kernel[(triton.cdiv(tokens, rows_per),)](
