@@ -41,7 +41,7 @@ from tests.support.triton_probes import (
     ClientPerThread,
     embed,
     http_status,
-    metric_total,
+    settled_metric_total,
     peak_rss_kib,
     reset_peak_rss,
     server_ready,
@@ -482,13 +482,13 @@ def test_500_long_texts_are_split_by_max_batch_tokens_with_bounded_memory(server
     texts = long_texts(500)
     [encoder_stub] = stub_pids(server, "encoder")
     embed(clients.get(), texts[:8])  # warm: allocator pools of an ordinary batch
-    passes_before, tokens_before = (metric_total(server, name) for name in FORWARD_METRICS)
+    passes_before, tokens_before = (settled_metric_total(server, name) for name in FORWARD_METRICS)
     rss_before = reset_peak_rss(encoder_stub)
     started = time.perf_counter()
     result = embed(clients.get(), texts)  # truncated to max_seq_len: [500, 32] tokens reach the encoder
     seconds = time.perf_counter() - started
     growth_mib = (peak_rss_kib(encoder_stub) - rss_before) / 1024
-    passes, tokens = (metric_total(server, name) - before
+    passes, tokens = (settled_metric_total(server, name) - before
                       for name, before in zip(FORWARD_METRICS, (passes_before, tokens_before)))
 
     print(f"500 texts x {MAX_SEQ_LEN} tokens: {tokens:.0f} tokens in {passes:.0f} forward passes of <= "

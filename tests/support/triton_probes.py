@@ -4,6 +4,7 @@ a model, their memory, and the client calls the reliability tests share. Linux /
 from __future__ import annotations
 
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,6 +44,19 @@ def metric_total(server, name: str, **labels: str) -> float:
         if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
             total += float(value)
     return total
+
+
+def settled_metric_total(server, name: str, **labels: str) -> float:
+    """``metric_total`` once it has stopped changing: the encoder publishes its loraembed_* metrics
+    from a thread ~10 ms after each batch, so a read right after a response can miss that batch."""
+    time.sleep(0.05)
+    value = metric_total(server, name, **labels)
+    for _ in range(50):
+        time.sleep(0.2)
+        value, previous = metric_total(server, name, **labels), value
+        if value == previous:
+            break
+    return value
 
 
 def stub_pids(server, model: str) -> list[int]:
