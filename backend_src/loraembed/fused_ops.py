@@ -166,12 +166,13 @@ if triton is not None:
         mask = row_mask[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)
         slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)  # [BT]
-        # x is loaded first, so its memory traffic overlaps the delta's dots.
-        value = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        value += _lora_delta(
+        # The delta first, then x: with x loaded first (meant to overlap its traffic with the dots) the
+        # sweep measured 122 us instead of 106 (H100, 16k x 3072; the LayerNorm kernel 86 instead of 52).
+        value = _lora_delta(
             rows, slots, cols, col_mask, shrunk_ptr, b_ptr, rank, stride_shrunk, stride_b_slot, stride_b_row,
             BLOCK_T, BLOCK_N, BLOCK_R,
         )
+        value += tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if ACTIVATION == 1:  # exact GELU (erf), as F.gelu
             value = 0.5 * value * (1.0 + tl.math.erf(value * 0.7071067811865476))
         elif ACTIVATION == 2:  # tanh GELU: 0.5 v (1 + tanh(z)) = v sigmoid(2z)
@@ -195,15 +196,13 @@ if triton is not None:
         mask = row_mask[:, None] & col_mask[None, :]
         rows = rows.to(tl.int64)
         slots = tl.load(slots_ptr + rows, mask=row_mask, other=0)  # [ROWS]
-        offsets = rows[:, None] * n_cols + cols[None, :]
-        # x and the residual are loaded first, so their memory traffic overlaps the delta's dots.
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        summed = x + _lora_delta(
+        summed = _lora_delta(  # the delta first (see _add_lora_activation_kernel)
             rows, slots, cols, col_mask, shrunk_ptr, b_ptr, rank, stride_shrunk, stride_b_slot, stride_b_row,
             ROWS, BLOCK, BLOCK_R,
         )
-        summed += residual
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        summed += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        summed += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(summed, axis=1)[:, None] / n_cols
         centered = tl.where(mask, summed - mean, 0.0)
         variance = tl.sum(centered * centered, axis=1)[:, None] / n_cols
