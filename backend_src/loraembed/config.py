@@ -143,7 +143,7 @@ class ServingConfig:
     merge_adapter: str = ""
     max_text_bytes: int = 1_000_000
     max_texts_per_request: int = 4096
-    cuda_graph_max_tokens: int = 16384  # base-model batches up to this size replay CUDA graphs; 0: never
+    cuda_graph_max_tokens: int = 16384  # batches up to this size (adapters too) replay CUDA graphs; 0: never
     cpu_threads: int = 0  # torch threads of a CPU instance; 0: half the cores (tokenizers share them)
 
     ENV_PREFIX = "LORAEMBED_"
