@@ -9,6 +9,7 @@ import torch
 
 from loraembed.config import ServingConfig
 from loraembed.engine import EmbeddingEngine, EncoderRequest
+from tests.support.token_rows import xlmr_rows
 
 pytestmark = pytest.mark.gpu
 
@@ -25,11 +26,7 @@ def make_engine(folder, backend, pooling, graph_tokens):
 
 
 def requests_of(lengths, rng):
-    ids = np.ones((len(lengths), max(lengths)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = np.concatenate([[0], rng.integers(4, 250002, length - 2), [2]])
-        mask[row, :length] = 1
+    ids, mask = xlmr_rows(lengths, rng)
     return [EncoderRequest(ids, mask, parameters={"normalize": False})]
 
 

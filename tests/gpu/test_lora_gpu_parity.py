@@ -13,6 +13,7 @@ import loraembed.lora.layers as lora_layers
 from loraembed.config import ServingConfig
 from loraembed.engine import EmbeddingEngine, EncoderRequest
 from tests.support.peft_adapters import last_hidden_state, pooled, save_peft_adapter
+from tests.support.token_rows import xlmr_rows
 
 pytestmark = pytest.mark.gpu
 
@@ -74,13 +75,7 @@ GRAPHS = pytest.mark.parametrize("graph_tokens", [16384, 0], ids=["graphs", "eag
 
 def random_rows(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(5, 300, size=rows)
-    ids = np.ones((rows, lengths.max()), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = np.concatenate([[0], rng.integers(4, 250002, length - 2), [2]])
-        mask[row, :length] = 1
-    return ids, mask
+    return xlmr_rows(rng.integers(5, 300, size=rows), rng)
 
 
 def not_expected(what: str):
@@ -152,11 +147,7 @@ def test_adapter_graph_replays_equal_the_eager_engine_across_buckets_and_buffer_
     rng = np.random.default_rng(7)
 
     def check(lengths, adapter_ids):
-        ids = np.ones((len(lengths), max(lengths)), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, length in enumerate(lengths):
-            ids[row, :length] = np.concatenate([[0], rng.integers(4, 250002, length - 2), [2]])
-            mask[row, :length] = 1
+        ids, mask = xlmr_rows(lengths, rng)
         request = [EncoderRequest(ids, mask, adapter_ids, {"normalize": False})]
         ours, reference = graphed.embed(request)[0], eager.embed(request)[0]
         cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
