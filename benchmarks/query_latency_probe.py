@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default="xlmr-base")
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--only", help="run the configurations whose label contains one of these comma-separated parts")
     args = parser.parse_args()
     device = torch.device(args.device)
     encoder_bench.DEVICE = device
@@ -51,6 +52,10 @@ def main() -> None:
     configurations = {
         "no registry": base,
         f"{args.adapters} adapters preloaded": {
+            **base, "adapter_root": str(work / "adapters"), "adapter_preload": ",".join(names), "max_adapters": str(args.adapters),
+        },
+        # A batch of one adapter through the block-table plan instead of merging it per linear.
+        f"{args.adapters} adapters, one adapter by block tables": {
             **base, "adapter_root": str(work / "adapters"), "adapter_preload": ",".join(names), "max_adapters": str(args.adapters),
         },
         f"{args.adapters} adapters, no CUDA graphs": {
@@ -77,11 +82,17 @@ def main() -> None:
             for i in range(4)],
     }
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    lines = [f"card: {card}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}", "",
-             "| configuration | request | p50 ms | p90 ms | host profile top (tottime) |", "|---|---|---|---|---|"]
+    # Each row is printed as soon as it is measured: a run cut short keeps what it measured.
+    print(f"card: {card}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}", "",
+          "| configuration | request | p50 ms | p90 ms | host profile top (tottime) |", "|---|---|---|---|---|",
+          sep="\n", flush=True)
     profiles = []
     for label, parameters in configurations.items():
+        if args.only and not any(part in label for part in args.only.split(",")):
+            continue
         engine = EmbeddingEngine(ServingConfig.from_parameters(parameters, environ={}), device)
+        if "block tables" in label:
+            engine.adapters.layers.merge_single_adapter = False
         for request_label, batch in requests.items():
             if "adapter" in request_label and "adapter_root" not in parameters:
                 continue
@@ -100,10 +111,9 @@ def main() -> None:
             stats.print_stats(12)
             top = max(stats.stats.items(), key=lambda item: item[1][2])[0]
             profiles.append(f"## {label}, {request_label}\n\n{text.getvalue()}")
-            lines.append(f"| {label} | {request_label} | {np.percentile(times, 50):.2f} | {np.percentile(times, 90):.2f} | "
-                         f"{top[2]} ({Path(top[0]).name}:{top[1]}) |")
+            print(f"| {label} | {request_label} | {np.percentile(times, 50):.2f} | {np.percentile(times, 90):.2f} | "
+                  f"{top[2]} ({Path(top[0]).name}:{top[1]}) |", flush=True)
         del engine
-    print("\n".join(lines))
     print("\n\n".join(profiles), file=sys.stderr)
 
 
