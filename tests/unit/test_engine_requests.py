@@ -263,3 +263,32 @@ def test_requests_with_and_without_parameters_in_one_call(engine):
     normalized, unnormalized = (together[2], together[0]) if flipped else (together[0], together[2])
     np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-6)
     assert not np.allclose(np.linalg.norm(unnormalized, axis=1), 1.0)
+
+
+def test_many_one_text_requests_in_one_call_equal_each_alone(engine):
+    """Requests without parameters are validated together (a few numpy calls for the whole call);
+    each still gets its own rows, or the error it gets alone, whatever surrounds it."""
+    rng = np.random.default_rng(3)
+    requests = []
+    for position in range(40):
+        length = int(rng.integers(3, MAX_SEQ_LEN + 1))
+        ids, mask = ids_and_mask([length])
+        requests.append(request(ids.astype([np.int64, np.int32][position % 2]), mask, adapter_ids=[[""], None][position % 3 > 0]))
+    padded_ids, padded_mask = ids_and_mask([7, 3, 5])
+    requests[5] = request(padded_ids, padded_mask)  # padding: validated alone
+    requests[6] = BAD_REQUESTS["id = vocab size, unpadded"][0]
+    requests[11] = BAD_REQUESTS["negative id, unpadded"][0]
+    requests[12] = request(*ids_and_mask([4, 4]), normalize=True)  # parameters: validated alone
+    requests[20] = BAD_REQUESTS["mask value 2"][0]
+    requests[21] = request(np.asfortranarray(np.tile(IDS[:1, :5], (3, 1))), np.ones((3, 5), dtype=np.int64))
+    requests[30] = BAD_REQUESTS["over max_seq_len, unpadded"][0]
+    requests[31] = BAD_REQUESTS["unknown adapter"][0]
+    requests[39] = BAD_REQUESTS["all-zero mask row"][0]
+    together = engine.embed(requests)
+    for encoder_request, got in zip(requests, together):
+        [alone] = engine.embed([encoder_request])
+        if isinstance(alone, Exception):
+            assert type(got) is type(alone) and str(got) == str(alone)
+        else:
+            assert got.dtype == np.float32 and got.shape == alone.shape
+            np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6)
