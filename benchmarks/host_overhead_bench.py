@@ -2,6 +2,7 @@
 assembly) with the device work replaced by a stub, on any machine (no GPU needed).
 
     python benchmarks/host_overhead_bench.py [--rows 12000] [--rows-per-request 32]
+        [--requests-per-call N] [--torch-threads N]
 
 The GPU forward is asynchronous, so this host work adds to every batch's latency and, when the
 host is slow, bounds throughput; this measures it alone, in microseconds per row and per token.
@@ -31,7 +32,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12000)
     parser.add_argument("--rows-per-request", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--requests-per-call", type=int, default=0,
+                        help="embed() calls of this many requests (a Triton execute's batch); 0: all in one call")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (the server's CPU instance: 1)")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     engine = EmbeddingEngine(ServingConfig.from_parameters({}, environ={}))
     hidden = engine.hidden_size
@@ -50,15 +56,20 @@ def main() -> None:
                 ids[row, :length] = rng.integers(1000, 2000, length)
                 mask[row, :length] = 1
             requests.append(EncoderRequest(ids, mask))
-        engine.embed(requests)
+        per_call = args.requests_per_call or len(requests)
+        calls = [requests[start : start + per_call] for start in range(0, len(requests), per_call)]
+        for call in calls:
+            engine.embed(call)
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            engine.embed(requests)
+            for call in calls:
+                engine.embed(call)
             times.append(time.perf_counter() - start)
         seconds = float(np.median(times))
         rows.append((workload, len(requests), int(lengths.sum()), seconds))
-    print(f"host: {platform.processor() or platform.machine()}   date: {datetime.date.today()}   (device work stubbed out)")
+    print(f"host: {platform.processor() or platform.machine()}   date: {datetime.date.today()}   (device work stubbed out)   "
+          f"requests per call: {args.requests_per_call or 'all'}   torch threads: {torch.get_num_threads()}")
     print("| workload | requests | tokens | host ms | µs per row | host-bound tokens/s |\n|---|---|---|---|---|---|")
     for workload, requests, tokens, seconds in rows:
         print(f"| {workload} | {requests} | {tokens} | {seconds * 1e3:.1f} | {seconds / args.rows * 1e6:.2f} | "
