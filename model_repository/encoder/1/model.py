@@ -76,13 +76,14 @@ class TritonPythonModel:
             results = self.engine.embed(readable)
         except Exception as error:  # keep serving: this batch fails, the next one runs
             results = [RuntimeError(f"internal error in the encoder: {type(error).__name__}: {error}")] * len(readable)
+        Tensor, InferenceResponse = pb_utils.Tensor, pb_utils.InferenceResponse
         for index, result in zip(indices, results):
-            if isinstance(result, RequestError):
+            if type(result) is np.ndarray:  # most results: checked first
+                responses[index] = InferenceResponse(output_tensors=[Tensor("EMBEDDING", result)])
+            elif isinstance(result, RequestError):
                 responses[index] = _error_response(str(result), "INVALID_ARG")
-            elif isinstance(result, Exception):
-                responses[index] = _error_response(str(result), "INTERNAL")
             else:
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", result)])
+                responses[index] = _error_response(str(result), "INTERNAL")
         try:
             self._snapshot = self.engine.adapters.snapshot()
             self._snapshot_ready.set()
