@@ -207,6 +207,16 @@ def per_request_us(seconds: float, requests: int) -> float:
     return seconds / requests * 1e6 if requests else float("nan")
 
 
+def each_entry(results: dict, models: list[str], concurrencies: list[int], kind: str):
+    """(variant, run, concurrency, name, figures) for every per-model ("models") or per-stub
+    ("stubs") entry of every run, in report order."""
+    for variant, rows in results.items():
+        for model in models:
+            for c in concurrencies:
+                for name, figures in rows[(model, c)][kind].items():
+                    yield variant, model, c, name, figures
+
+
 def report(meta: dict, results: dict, concurrencies: list[int], models: list[str]) -> str:
     lines = [f"# Triton Python stub overhead, one query per request ({meta['date']})", "",
              f"- machine: {meta['machine']}", f"- server: tritonserver {meta['server']}, perf_analyzer over gRPC, -b 1, "
@@ -228,30 +238,24 @@ def report(meta: dict, results: dict, concurrencies: list[int], models: list[str
               "per execute (dynamic batching).", "",
               "| variant | run | c | model | queue | comp. in | comp. infer | comp. out | overhead | req/exec |",
               "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for variant, rows in results.items():
-        for model in models:
-            for c in concurrencies:
-                for name, v in rows[(model, c)]["models"].items():
-                    cells = [f"{v.get(key, float('nan')) * 1000:.0f}" for key in
-                             ("queue", "compute_input", "compute_infer", "compute_output", "overhead")]
-                    lines.append(f"| {variant} | {model} | {c} | {name} | {' | '.join(cells)} | "
-                                 f"{v.get('requests_per_execution', float('nan')):.1f} |")
+    for variant, model, c, name, v in each_entry(results, models, concurrencies, "models"):
+        cells = [f"{v.get(key, float('nan')) * 1000:.0f}" for key in
+                 ("queue", "compute_input", "compute_infer", "compute_output", "overhead")]
+        lines.append(f"| {variant} | {model} | {c} | {name} | {' | '.join(cells)} | "
+                     f"{v.get('requests_per_execution', float('nan')):.1f} |")
     lines += ["", "## Inside the stubs: time per request (µs) in model.py's execute", "",
               "execute: the whole call; loraembed: the tokenizer's decode_texts + encode_requests, or the encoder's "
               "engine.embed; metrics: the encoder's metrics publish inside execute; model.py: the rest (pb_utils "
               "inputs, responses, errors); metrics thread: publishing from a thread, off the request path.", "",
               "| variant | run | c | stub | req/exec | execute | loraembed | metrics | model.py | metrics thread |",
               "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for variant, rows in results.items():
-        for model in models:
-            for c in concurrencies:
-                for name, s in rows[(model, c)]["stubs"].items():
-                    n = s["requests"]
-                    rest = s["execute_s"] - s["library_s"] - s["metrics_s"]
-                    lines.append(f"| {variant} | {model} | {c} | {name} | {n / s['executes']:.1f} | "
-                                 f"{per_request_us(s['execute_s'], n):.0f} | {per_request_us(s['library_s'], n):.0f} | "
-                                 f"{per_request_us(s['metrics_s'], n):.0f} | {per_request_us(rest, n):.0f} | "
-                                 f"{per_request_us(s.get('metrics_s_thread', 0), n):.0f} |")
+    for variant, model, c, name, s in each_entry(results, models, concurrencies, "stubs"):
+        n = s["requests"]
+        rest = s["execute_s"] - s["library_s"] - s["metrics_s"]
+        lines.append(f"| {variant} | {model} | {c} | {name} | {n / s['executes']:.1f} | "
+                     f"{per_request_us(s['execute_s'], n):.0f} | {per_request_us(s['library_s'], n):.0f} | "
+                     f"{per_request_us(s['metrics_s'], n):.0f} | {per_request_us(rest, n):.0f} | "
+                     f"{per_request_us(s.get('metrics_s_thread', 0), n):.0f} |")
     return "\n".join(lines) + "\n"
 
 
