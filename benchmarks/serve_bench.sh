@@ -7,7 +7,7 @@
 #
 #   benchmarks/serve_bench.sh [--tiny] [--device cuda|cpu] [--model xlmr-base|xlmr-large]
 #       [--scenarios LIST] [--concurrency 1,2,4,8,16,32,64,128] [--tokenizer-concurrency 4,16,64]
-#       [--window-ms 1000] [--warmup-ms 300] [--budget-s 420] [--tokenizer-instances N]
+#       [--window-ms 1000] [--warmup-ms 300] [--budget-s 420] [--tokenizer-instances N] [--encoder-instances N]
 #       [--encoder-queue-delay-us N] [--tokenizer-queue-delay-us N] [--tokenizer-threads N]
 #       [--param NAME=VALUE]... [--adapters 64] [--vocab N] [--passage-tokens 120] [--out DIR]
 #       [--report-dir DIR] [--work DIR]
@@ -22,6 +22,7 @@
 #   --tokenizer-instances / --encoder-queue-delay-us / --tokenizer-queue-delay-us: served from a copy
 #                 of model_repository/ with those config.pbtxt values (default: the repository's)
 #   --tokenizer-threads  RAYON_NUM_THREADS of the server (the fast tokenizer's threads per instance)
+#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default 1)
 #   --param       a serving parameter (LORAEMBED_NAME for the server, the same for the in-process run)
 #   --vocab       the tokenizer's (and the checkpoint's) vocabulary size (default 250002; 8000 with --tiny)
 #   --passage-tokens  median passage length in tokens (default 120; 40 with --tiny)
@@ -44,6 +45,7 @@ started=$(date +%s)
 device="" tiny=0 scenarios_given=0 model=xlmr-base adapters="" window_ms="" warmup_ms="" budget_s=420 vocab="" passage_tokens=""
 scenarios=embed-passages,embed-queries,embed-mixed,encoder-passages,encoder-mixed,encoder-queries,tokenizer-passages,tokenizer8-passages
 concurrency="" tokenizer_concurrency="" tokenizer_instances="" encoder_delay="" tokenizer_delay="" tokenizer_threads=""
+encoder_instances=""
 out=${OUT:-${TMPDIR:-/tmp}/loraembed-bench/serve-out} report_dir=unset work="" params=()
 while (($#)); do
     case $1 in
@@ -57,6 +59,7 @@ while (($#)); do
         --warmup-ms) warmup_ms=${2:?}; shift 2 ;;
         --budget-s) budget_s=${2:?}; shift 2 ;;
         --tokenizer-instances) tokenizer_instances=${2:?}; shift 2 ;;
+        --encoder-instances) encoder_instances=${2:?}; shift 2 ;;
         --encoder-queue-delay-us) encoder_delay=${2:?}; shift 2 ;;
         --tokenizer-queue-delay-us) tokenizer_delay=${2:?}; shift 2 ;;
         --tokenizer-threads) tokenizer_threads=${2:?}; shift 2 ;;
@@ -86,7 +89,7 @@ for list in "$concurrency" "$tokenizer_concurrency"; do
     [[ $list =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "serve_bench.sh: concurrency lists look like 1,2,4" >&2; exit 2; }
 done
 for number in "$window_ms" "$warmup_ms" "$budget_s" "$adapters" ${vocab:+"$vocab"} ${passage_tokens:+"$passage_tokens"} \
-    ${tokenizer_instances:+"$tokenizer_instances"} \
+    ${tokenizer_instances:+"$tokenizer_instances"} ${encoder_instances:+"$encoder_instances"} \
     ${encoder_delay:+"$encoder_delay"} ${tokenizer_delay:+"$tokenizer_delay"} ${tokenizer_threads:+"$tokenizer_threads"}; do
     [[ $number =~ ^[0-9]+$ ]] || { echo "serve_bench.sh: '$number' is not a whole number" >&2; exit 2; }
 done
@@ -176,6 +179,7 @@ for param in ${params[@]+"${params[@]}"}; do
     inprocess_params+=(--parameter "$name" "${param#*=}")
 done
 [[ -n $tokenizer_threads ]] && server_env+=(RAYON_NUM_THREADS="$tokenizer_threads")
+[[ -n $encoder_instances ]] && server_env+=(LORAEMBED_INSTANCES_PER_GPU="$encoder_instances")
 server_pid=""
 stop_server() {  # SIGTERM (models unload), then after 15 s SIGKILL for the server and its stubs (its group)
     if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
@@ -265,7 +269,7 @@ served_value() {  # MODEL KEY: the number after KEY in the served config.pbtxt, 
 settings="tokenizer instances $(served_value tokenizer 'count' "$tokenizer_instances"),"
 settings+=" tokenizer max_queue_delay $(served_value tokenizer max_queue_delay_microseconds "$tokenizer_delay") us,"
 settings+=" encoder max_queue_delay $(served_value encoder max_queue_delay_microseconds "$encoder_delay") us,"
-settings+=" RAYON_NUM_THREADS ${tokenizer_threads:-unset}"
+settings+=" RAYON_NUM_THREADS ${tokenizer_threads:-unset}, encoder instances per GPU ${encoder_instances:-1}"
 settings+="${params[*]+, ${params[*]}}"
 "$host_python" "$ROOT/benchmarks/serve_report.py" report "$raw" --out-dir "$out" ${report_dir:+--report-dir "$report_dir"} \
     --meta "card=$card" --meta "cpu=$cpu" --meta "server_version=$server_version" --meta "perf_analyzer=${pa_version:-?}" \
