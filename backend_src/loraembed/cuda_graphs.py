@@ -59,11 +59,13 @@ class _CapturedGraph:
     copied: tuple[torch.cuda.Event, torch.cuda.Event]
     device_input: torch.Tensor
     pooled: torch.Tensor  # [sequences, H] float32, written by each replay
+    layout: dict[str, slice]  # where each input lies in the staging buffers (`GraphedForward._layout`)
     turn: int = 0
 
 
 class GraphedForward:
-    """Runs planned base-model batches of up to `max_tokens` tokens as CUDA graph replays."""
+    """Runs planned batches of up to `max_tokens` tokens (base model, or adapters the LoRA kernels
+    cover) as CUDA graph replays."""
 
     def __init__(
         self, model: PackedEncoder, pooling: str, position_offset: int, max_tokens: int, max_seqlen: int,
@@ -162,7 +164,7 @@ class GraphedForward:
         captured.turn ^= 1
         captured.copied[turn].synchronize()
         view = captured.host_inputs[turn].numpy()
-        layout = self._layout(key)
+        layout = captured.layout
 
         def fill(name: str, values, padding) -> None:
             part = view[layout[name]]
@@ -245,7 +247,7 @@ class GraphedForward:
         events = (torch.cuda.Event(), torch.cuda.Event())
         for event in events:
             event.record()
-        captured = _CapturedGraph(graph, host_inputs, events, device_input, pooled)
+        captured = _CapturedGraph(graph, host_inputs, events, device_input, pooled, layout)
         self.graphs[key] = captured
         return captured
 

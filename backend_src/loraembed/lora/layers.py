@@ -119,6 +119,9 @@ class SegmentedLoraLinear(nn.Linear):
         self.weight = base.weight
         self.bias = base.bias
         self.slice_widths = slice_widths
+        # Slices of one width (every linear of BERT/XLM-R): the Triton kernels and the one-launch
+        # merge take all slices at once.
+        self.uniform_slices = all(width == slice_widths[0] for width in slice_widths)
         self.num_slots = num_slots
         self.batch_state = batch_state
         self.rank_capacity = 0
@@ -196,7 +199,7 @@ class SegmentedLoraLinear(nn.Linear):
         width = self.slice_widths[0]
         if (
             state.block_table is not None
-            and all(w == width for w in self.slice_widths)
+            and self.uniform_slices
             and (not x.is_cuda or sgmv_supported(x, width, self.rank_capacity))
         ):
             # Two Triton launches for all segments and slices; one when the consumer expands.
@@ -218,7 +221,7 @@ class SegmentedLoraLinear(nn.Linear):
 
         merged = self.batch_state.merge_buffer(self.weight)
         slices, rank = len(self.slice_widths), self.rank_capacity
-        if all(width == self.slice_widths[0] for width in self.slice_widths):  # one launch for all slices
+        if self.uniform_slices:  # one launch for all slices
             width = self.slice_widths[0]
             torch.baddbmm(
                 self.weight.view(slices, width, self.in_features),
@@ -316,8 +319,7 @@ class LoraLayers:
             return None
         if self._kernels_cover[0] != self.buffer_generation:  # once per buffer layout, not per batch
             covered = all(
-                sgmv_supported(linear.weight, linear.slice_widths[0], linear.rank_capacity)
-                and all(width == linear.slice_widths[0] for width in linear.slice_widths)
+                sgmv_supported(linear.weight, linear.slice_widths[0], linear.rank_capacity) and linear.uniform_slices
                 for linear in self.linears.values()
                 if linear.rank_capacity
             )
