@@ -22,7 +22,7 @@ from .errors import AdapterError, ConfigurationError, InvalidInputError, Request
 from .lora.metrics import AdapterCounters, AdapterMetrics
 from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
 from .cuda_graphs import GraphedForward
-from .packing import PackedBatch, PackingRows, pack_rows, plan_row_batches, to_device
+from .packing import PackedBatch, PackingRows, offsets, pack_rows, plan_row_batches, to_device
 from .pooling import finalize_embeddings, pool
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -107,9 +107,7 @@ class _ValidRequests:
 
     def row_starts(self) -> np.ndarray:
         """[R+1] each request's first row, and N."""
-        starts = np.zeros(len(self.rows) + 1, dtype=np.int64)
-        np.cumsum(self.rows, out=starts[1:])
-        return starts
+        return offsets(self.rows)
 
     def adapter_ids_per_request(self) -> Iterable[Sequence[str]]:
         if len(set(self.row_adapters)) == 1:  # one adapter for every row (the base model, mostly)
@@ -120,8 +118,7 @@ class _ValidRequests:
     def select(self, positions: list[int]) -> "_ValidRequests":
         """The requests at these positions (of this set), in this order."""
         row_starts = self.row_starts().tolist()
-        token_starts = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=token_starts[1:])
+        token_starts = offsets(self.lengths)
         rows = [slice(row_starts[p], row_starts[p + 1]) for p in positions]
         return _ValidRequests(
             [self.indices[p] for p in positions],
@@ -307,8 +304,7 @@ class EmbeddingEngine:
         widths = np.array([request.input_ids.shape[1] for request in requests], dtype=np.int64)  # [R]
         ids = np.concatenate([request.input_ids.reshape(-1) for request in requests])  # [sum of n * L]
         mask = np.concatenate([request.attention_mask.reshape(-1) for request in requests])
-        starts = np.zeros(len(requests), dtype=np.int64)
-        np.cumsum((rows * widths)[:-1], out=starts[1:])
+        starts = offsets(rows * widths)[:-1]
         ok = (
             (np.minimum.reduceat(mask, starts) == 1) & (np.maximum.reduceat(mask, starts) == 1)
             & (np.minimum.reduceat(ids, starts) >= 0)
@@ -406,9 +402,7 @@ class EmbeddingEngine:
             row_slots = np.full(count, slots[next(iter(adapter_ids))], dtype=np.int64)
         else:
             row_slots = np.fromiter(map(slots.__getitem__, valid.row_adapters), dtype=np.int64, count=count)
-        starts = np.zeros(count, dtype=np.int64)
-        np.cumsum(valid.lengths[:-1], out=starts[1:])
-        rows = PackingRows(valid.token_ids, starts, valid.lengths, row_slots)
+        rows = PackingRows.of(valid.token_ids, valid.lengths, row_slots)
         # Rows stay on the device until the last batch is queued: no host sync between forward
         # passes, so packing the next batch overlaps the device running the previous one.
         pooled = torch.empty(count, self.hidden_size, device=self.device)  # [N, H], request order

@@ -74,13 +74,23 @@ class PackingRows:
     slots: np.ndarray  # [N] adapter slot of each row (0 = base model)
 
     @classmethod
+    def of(cls, token_ids: np.ndarray, lengths: np.ndarray, slots: np.ndarray) -> "PackingRows":
+        """From the rows' tokens back to back, their lengths and slots (int64)."""
+        return cls(token_ids, offsets(lengths)[:-1], lengths, slots)
+
+    @classmethod
     def concatenate(cls, token_ids: list[np.ndarray], lengths: list[np.ndarray], slots: list[np.ndarray]) -> "PackingRows":
         """From per-request parts: each request's rows back to back, its lengths and slots."""
-        all_lengths = np.concatenate(lengths).astype(np.int64, copy=False)
-        starts = np.zeros(len(all_lengths), dtype=np.int64)
-        np.cumsum(all_lengths[:-1], out=starts[1:])
-        return cls(np.concatenate(token_ids).astype(np.int64, copy=False), starts, all_lengths,
-                   np.concatenate(slots).astype(np.int64, copy=False))
+        return cls.of(np.concatenate(token_ids).astype(np.int64, copy=False),
+                      np.concatenate(lengths).astype(np.int64, copy=False),
+                      np.concatenate(slots).astype(np.int64, copy=False))
+
+
+def offsets(counts: np.ndarray) -> np.ndarray:
+    """[n+1] int64: where each of n back-to-back runs of `counts` items starts, then the total."""
+    starts = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return starts
 
 
 def plan_row_batches(lengths: np.ndarray, slots: np.ndarray, max_batch_tokens: int) -> list[np.ndarray]:
@@ -103,8 +113,7 @@ def plan_row_batches(lengths: np.ndarray, slots: np.ndarray, max_batch_tokens: i
 def pack_rows(rows: PackingRows, selected: np.ndarray, position_offset: int) -> "HostPackedArrays":
     """The host arrays of one batch made of `selected` rows, in that order."""
     lengths = rows.lengths[selected]
-    cu_seqlens = np.zeros(len(selected) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=cu_seqlens[1:])
+    cu_seqlens = offsets(lengths)
     total = int(cu_seqlens[-1])
     starts = rows.starts[selected]
     sequence_start = np.repeat(cu_seqlens[:-1], lengths)  # [T]: where each token's sequence begins
