@@ -79,12 +79,12 @@ class TextTokenizer:
             texts = [text for index in indices for text in requests[index]]
             if not texts:
                 continue
-            # encode_batch_fast: the same ids without character offsets, which we never read and
-            # which cost 37% of the time on an XLM-R-sized Unigram vocabulary (1.27 -> 0.80 us/token;
-            # benchmarks/serve_bench_setup.py's tokenizer). Older tokenizers lack it.
             if sum(map(len, texts)) <= SERIAL_MAX_CHARS:
                 encodings = [tokenizer.encode(text, add_special_tokens=True) for text in texts]
             else:
+                # encode_batch_fast: the same ids without character offsets, which we never read and
+                # which cost 37% of the time on an XLM-R-sized Unigram vocabulary (1.27 -> 0.80
+                # us/token; benchmarks/serve_bench_setup.py's tokenizer). Older tokenizers lack it.
                 encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
                 encodings = encode_batch(texts, add_special_tokens=True)
             offset = 0

@@ -29,6 +29,8 @@ class TritonPythonModel:
         settings = ModelSettings.resolve(serving)
         self.default_normalize = settings.default_normalize
         self.hidden_size = settings.encoder_config.hidden_size
+        # What a request without parameters gets (most requests): parsed once, as the engine does.
+        self.default_truncate = RequestOptions.from_parameters({}, self.default_normalize, self.hidden_size).truncate
         self.tokenizer = TextTokenizer(settings.model_path, settings.max_seq_len, serving.max_text_bytes)
 
     def _read_request(self, request):
@@ -37,7 +39,7 @@ class TritonPythonModel:
         texts = inputs["TEXT"].as_numpy().reshape(-1)
         parameters = request.parameters()
         truncate = (
-            True  # no parameters (most requests): the defaults, without parsing
+            self.default_truncate
             if parameters in NO_PARAMETERS
             else RequestOptions.from_parameters(
                 request_parameters(parameters), self.default_normalize, self.hidden_size
