@@ -3,7 +3,8 @@
 One entry point, `apply_segmented_lora`. This is the reference path (any device, plain PyTorch
 matmuls per segment); the GPU kernels (punica's SGMV shrink/expand, as vLLM uses, in
 `sgmv_triton.py`) are tested against it. `shrink_reference` / `expand_reference` are the same
-math split in two over a block table, the kernels' own interface, for the CPU.
+math split in two over a block table, the kernels' own interface, for the CPU; `merge_reference`
+is the merge kernel's (W + B A of one slot).
 """
 
 from __future__ import annotations
@@ -72,3 +73,23 @@ def expand_reference(
             columns = slice(column, column + slice_width)
             delta = shrunk[start:end, index * rank : (index + 1) * rank] @ lora_b_cat[slot, columns].to(shrunk.dtype).T
             output[start:end, columns] = (output[start:end, columns].to(shrunk.dtype) + delta).to(output.dtype)
+
+
+def merge_reference(
+    weight: torch.Tensor, lora_a_cat: torch.Tensor, lora_b_cat: torch.Tensor, slot: int | torch.Tensor,
+    slice_width: int, out: torch.Tensor,
+) -> torch.Tensor:
+    """`sgmv_triton.lora_merge` in PyTorch: out = W + B_cat[slot] A_cat[slot] per output slice, one
+    batched matmul for all slices; `slot` an int or a device index [1]."""
+
+    def of_slot(stack: torch.Tensor) -> torch.Tensor:
+        return stack[slot] if isinstance(slot, int) else stack.index_select(0, slot)[0]
+
+    slices, in_features, rank = weight.shape[0] // slice_width, weight.shape[1], lora_b_cat.shape[2]
+    torch.baddbmm(
+        weight.view(slices, slice_width, in_features),
+        of_slot(lora_b_cat).view(slices, slice_width, rank),
+        of_slot(lora_a_cat).view(slices, rank, in_features),
+        out=out.view(slices, slice_width, in_features),
+    )
+    return out

@@ -12,7 +12,11 @@ blocks and cost nothing.
   elementwise kernel (GELU, residual + LayerNorm), the layers skip this read-modify-write and hand
   the shrunk rows to that kernel instead (`fused_ops.LoraDelta`, indexed by per-token slots).
 
-`lora_shrink` / `lora_expand` pick the kernel on CUDA and the block-table reference elsewhere.
+A third kernel serves the batches planned as merged (one adapter over many tokens): merge writes
+W + B_cat[slot] A_cat[slot] per output slice in one pass over W, reading the slot from a device
+index where a CUDA graph holds it.
+
+`lora_shrink` / `lora_expand` / `lora_merge` pick the kernel on CUDA and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .segmented import expand_reference, shrink_reference
+from .segmented import expand_reference, merge_reference, shrink_reference
 
 try:
     import triton
@@ -152,6 +156,39 @@ if triton is not None:
         tl.store(out, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit(do_not_specialize=["slot"])
+    def _lora_merge_kernel(
+        weight_ptr, a_ptr, b_ptr, out_ptr, slot_ptr, slot,
+        out_features, in_features, rank, slice_width,
+        stride_a_slot, stride_a_rank, stride_b_slot, stride_b_row,
+        SLOT_ON_DEVICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        # One [BLOCK_M, BLOCK_N] tile of W + B A; BLOCK_M divides the slice width, so the tile's rows
+        # lie in one slice and take that slice's rows of A.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] output features
+        columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] input features
+        slice_index = (tl.program_id(0) * BLOCK_M) // slice_width
+        if SLOT_ON_DEVICE:
+            slot = tl.load(slot_ptr)
+        slot = slot.to(tl.int64)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_mask = ranks < rank
+        row_mask = rows < out_features
+        column_mask = columns < in_features
+        b_tile = tl.load(
+            b_ptr + slot * stride_b_slot + rows.to(tl.int64)[:, None] * stride_b_row + ranks[None, :],
+            mask=row_mask[:, None] & rank_mask[None, :], other=0.0,
+        )  # [BM, BR]
+        a_tile = tl.load(
+            a_ptr + slot * stride_a_slot + (slice_index * rank + ranks)[:, None] * stride_a_rank + columns[None, :],
+            mask=rank_mask[:, None] & column_mask[None, :], other=0.0,
+        )  # [BR, BN]
+        offsets = rows.to(tl.int64)[:, None] * in_features + columns[None, :]
+        mask = row_mask[:, None] & column_mask[None, :]
+        merged = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + tl.dot(b_tile, a_tile)
+        tl.store(out_ptr + offsets, merged.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _column_block(slice_width: int) -> int | None:
     for block in (128, 64, 32, 16):
         if slice_width % block == 0:
@@ -234,3 +271,34 @@ def lora_expand(
         sgmv_expand(shrunk, output, lora_b_cat, rank, slice_width, block_table)
     else:
         expand_reference(shrunk, output, lora_b_cat, rank, slice_width, block_table)
+
+
+# The merge's tile over the weight [out, in]: rows from _column_block(slice width), 128 columns.
+MERGE_BLOCK_N = 128
+
+
+def lora_merge_supported(weight: torch.Tensor, slice_width: int, rank: int) -> bool:
+    return sgmv_supported(weight, slice_width, rank) and weight.is_contiguous()
+
+
+def lora_merge(
+    weight: torch.Tensor, lora_a_cat: torch.Tensor, lora_b_cat: torch.Tensor, slot: int | torch.Tensor,
+    slice_width: int, out: torch.Tensor,
+) -> torch.Tensor:
+    """out = W + B_cat[slot, slice i] A_cat[slot, slice i] for every output slice i (the merged weight
+    [out, in] of one adapter), `slot` an int or a device index [1] (a CUDA graph's input). The
+    kernel on CUDA where `lora_merge_supported`, `segmented.merge_reference` elsewhere."""
+    rank = lora_b_cat.shape[2]
+    if not lora_merge_supported(weight, slice_width, rank):
+        return merge_reference(weight, lora_a_cat, lora_b_cat, slot, slice_width, out)
+    out_features, in_features = weight.shape
+    block_m = _column_block(slice_width)
+    on_device = isinstance(slot, torch.Tensor)
+    _lora_merge_kernel[(out_features // block_m, triton.cdiv(in_features, MERGE_BLOCK_N))](
+        weight, lora_a_cat, lora_b_cat, out, slot if on_device else weight, 0 if on_device else slot,
+        out_features, in_features, rank, slice_width,
+        lora_a_cat.stride(0), lora_a_cat.stride(1), lora_b_cat.stride(0), lora_b_cat.stride(1),
+        SLOT_ON_DEVICE=on_device, BLOCK_M=block_m, BLOCK_N=MERGE_BLOCK_N,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4,
+    )
+    return out
