@@ -3,7 +3,7 @@ packed batch of 16,384 tokens, for base rows only, every row on 1 adapter, and 6
 on all six targets mixed uniformly; the old path against the new one, in the same run.
 
     python benchmarks/lora_fusion_bench.py [--workloads queries,passages] [--repeats 20]
-        [--runs 2,4,8,16] [--attention auto] [--out FILE.md]
+        [--attention auto] [--out FILE.md]
     python benchmarks/lora_fusion_bench.py --device cpu --layers 2 --hidden 64 --tokens 500 --adapters 4
         (a smoke run of this program without a GPU: CPU reference paths, host clock only)
 
@@ -11,9 +11,6 @@ Paths (`LoraLayers` flags, see lora/layers.py): "old" = base GEMM, shrink and ex
 output (read-modify-write), then GELU / residual + LayerNorm; "new" = the expand of
 attention.output.dense, intermediate.dense and output.dense fused into their consumer kernel, and a
 batch of one adapter merged per linear (W + B A into a scratch weight, one GEMM, no shrink/expand).
-"K runs" modes split the batch into K runs of about equal tokens, each of its own adapter (K
-requests of many passages, as the server batches them): "new" (block tables) against "merged runs"
-(one merge and one GEMM per run and linear), which sets `MERGED_RUN_MIN_TOKENS`.
 
 Columns: "wall" = CUDA events around back-to-back forwards (what one stream gets, host launch gaps
 included); "GPU" = the same forward queued behind a sleep kernel, so the device never waits for the
@@ -46,11 +43,9 @@ WORKLOADS = {  # as encoder_bench.py: lognormal token lengths
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
     "passages": dict(median=120, low=16, high=512, sigma=0.7),
 }
-PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter, merged_run_min_tokens)
-    "plain": (True, True, True, 0),  # base rows: the plain path whatever the flags
-    "old": (True, False, False, 0),
-    "new": (True, True, True, 0),
-    "merged runs": (True, True, True, 1),
+PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter)
+    "old": (True, False, False),
+    "new": (True, True, True),
 }
 
 
@@ -151,7 +146,6 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--runs", default="2,4,8,16", help="batches of this many adapter runs (empty: none)")
     parser.add_argument("--attention", default="auto", help="as the engine's `attention` parameter")
     parser.add_argument("--out", default="", help="also write the table to this Markdown file")
     parser.add_argument("--device", default="cuda")
@@ -167,23 +161,21 @@ def main() -> None:
     rows = []
     for workload in args.workloads.split(","):
         lengths = draw_lengths(workload, args.tokens, rng)
-        modes = {  # mode -> (slot of each row, paths)
-            "base": ([0] * len(lengths), ["plain"]),
-            "1 adapter": ([1] * len(lengths), ["old", "new"]),
-            f"{args.adapters} adapters": (rng.integers(1, args.adapters + 1, len(lengths)).tolist(), ["old", "new"]),
+        modes = {
+            "base": [0] * len(lengths),
+            "1 adapter": [1] * len(lengths),
+            f"{args.adapters} adapters": rng.integers(1, args.adapters + 1, len(lengths)).tolist(),
         }
-        tokens_before = np.cumsum(lengths) - np.array(lengths)
-        for runs in (int(value) for value in args.runs.split(",") if value):
-            run_slots = 1 + (tokens_before * runs // sum(lengths)) % args.adapters  # runs of ~equal tokens
-            modes[f"{runs} runs"] = (run_slots.tolist(), ["new", "merged runs"])
-        for mode, (slots, paths) in modes.items():
+        for mode, slots in modes.items():
             batch = make_batch(lengths, slots, rng)
             with torch.inference_mode():
                 hidden = model.embeddings(batch.input_ids, batch.position_ids)  # [T, H]
             outputs = {}
-            for path in paths:
-                (layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter,
-                 layers.merged_run_min_tokens) = PATHS[path]
+            for path, flags in PATHS.items():
+                if mode == "base" and path == "new":
+                    continue  # base batches take the plain path either way
+                path = "plain" if mode == "base" else path
+                layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter = flags
 
                 @torch.inference_mode()
                 def forward(batch=batch, hidden=hidden):
@@ -200,9 +192,8 @@ def main() -> None:
                       f"host {timing['host']:.2f} ms, {timing['ops']} device ops", flush=True)
             layers.deactivate()
             if len(outputs) == 2:  # the two paths compute the same thing
-                (first_path, first), (second_path, second) = outputs.items()
-                difference = ((second - first).norm() / first.norm()).item()
-                print(f"         {mode}: {second_path} vs {first_path} relative difference {difference:.2e}")
+                old, new = outputs["old"], outputs["new"]
+                print(f"         {mode}: new vs old relative difference {((new - old).norm() / old.norm()).item():.2e}")
     report(rows, args)
 
 

@@ -95,7 +95,7 @@ class GraphedForward:
             return None
         plan = BASE_PLAN
         if host.slots.any():
-            plan = self._lora_plan(host.slots, host.lengths)
+            plan = self._lora_plan(host.slots)
             if plan is None:
                 return None
         key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()), plan)
@@ -106,7 +106,7 @@ class GraphedForward:
         self._sightings[key] = self._sightings.get(key, 0) + 1
         return key if self._sightings[key] >= 2 else None
 
-    def _lora_plan(self, slots: np.ndarray, lengths: np.ndarray) -> str | None:
+    def _lora_plan(self, slots: np.ndarray) -> str | None:
         if self.lora_layers is None:
             return None
         generation = self.lora_layers.buffer_generation
@@ -116,7 +116,7 @@ class GraphedForward:
             self._lora_generation = generation
         if np.count_nonzero(np.diff(slots)) + 1 > self._segment_capacity(_bucket(len(slots) + 1, MIN_SEQUENCES)):
             return None  # more adapter segments than the bucket's block table holds
-        return self.lora_layers.graph_plan(slots, lengths)
+        return self.lora_layers.graph_plan(slots)
 
     def _segment_capacity(self, bucket_sequences: int) -> int:
         """Adapter segments a bucket's block table is sized for: the engine groups rows by slot, so a

@@ -102,5 +102,7 @@ def test_merge_matches_reference(in_features, width, slices, rank, slots, dtype,
     # One rounding of the float32 sum to the weight's dtype: within half a unit in the last place.
     torch.testing.assert_close(merged.double(), expected, rtol=torch.finfo(dtype).eps, atol=1e-6)
     assert not torch.allclose(merged, weight)  # the delta is there
+    # No less accurate than the batched matmul it replaced: on the H100 the two differed in ~2.7% of
+    # the elements by up to one unit in the last place, and the kernel is the one within the bound above.
     reference = merge_reference(weight, lora_a_cat, lora_b_cat, slot, width, torch.empty_like(weight))
-    torch.testing.assert_close(merged.double(), reference.double(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    assert (merged.double() - expected).abs().max() <= (reference.double() - expected).abs().max()

@@ -64,9 +64,7 @@ def packed_batch(lengths: list[int], slots: list[int], device: str, seed: int = 
 
 def set_plan(layers: LoraLayers, plan: str) -> None:
     """"reference" (per-segment matmuls), "tables" (shrink/expand over a block table), "deferred"
-    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W), "merged
-    runs" (+ every run of adapter rows merged into W, however short)."""
-    layers.use_block_tables = plan in ("tables", "deferred", "merged", "merged runs")
-    layers.defer_expand = plan in ("deferred", "merged", "merged runs")
-    layers.merge_single_adapter = plan in ("merged", "merged runs")
-    layers.merged_run_min_tokens = 1 if plan == "merged runs" else 0
+    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W)."""
+    layers.use_block_tables = plan in ("tables", "deferred", "merged")
+    layers.defer_expand = plan in ("deferred", "merged")
+    layers.merge_single_adapter = plan == "merged"

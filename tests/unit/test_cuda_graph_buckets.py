@@ -11,7 +11,7 @@ import pytest
 
 import loraembed.cuda_graphs as cuda_graphs
 from loraembed.cuda_graphs import GraphedForward
-from loraembed.lora.layers import MERGED_RUN_MIN_TOKENS, LoraLayers
+from loraembed.lora.layers import LoraLayers
 from loraembed.lora.sgmv_triton import BLOCK_T, lora_batch_table_arrays
 from loraembed.packing import PackingRows, pack_rows
 
@@ -32,9 +32,7 @@ class KernelLoraLayers:
     num_slots = 5
     buffer_generation = 0
     use_block_tables = merge_single_adapter = True
-    merged_run_min_tokens = MERGED_RUN_MIN_TOKENS
     graph_plan = LoraLayers.graph_plan
-    _merges_runs = LoraLayers._merges_runs
 
     def __init__(self):
         self.linears, self._kernels_cover = {}, (-1, False)
@@ -72,18 +70,6 @@ def test_adapter_batches_are_graphed_by_plan():
     assert forward.bucket(host_batch([16], [3])) == (64, 8, 512, "tables")
     forward.lora_layers.use_block_tables = False  # the CPU reference plan: host state, not capturable
     assert forward.bucket(host_batch([16], [3])) is None
-
-
-def test_long_adapter_runs_run_eagerly_merged_one_by_one():
-    forward = graphed("triton_packed", max_tokens=16384, lora_layers=KernelLoraLayers())
-    run = MERGED_RUN_MIN_TOKENS
-    # Two adapters of `run` tokens each and base rows: the merged-runs plan, which is not captured.
-    assert forward.bucket(host_batch([run // 2] * 4 + [100], [1, 1, 2, 2, 0])) is None
-    # Runs one token short on average, and single short rows: block tables in a graph.
-    assert forward.bucket(host_batch([run, run - 2], [1, 2]))[3] == "tables"
-    assert forward.bucket(host_batch([16, 16], [1, 2]))[3] == "tables"
-    forward.lora_layers.merged_run_min_tokens = 0  # off
-    assert forward.bucket(host_batch([run] * 2, [1, 2]))[3] == "tables"
 
 
 def test_a_batch_with_more_segments_than_its_block_table_holds_runs_eagerly():

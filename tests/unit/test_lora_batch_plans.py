@@ -1,6 +1,6 @@
 """The LoRA batch plans of `LoraLayers` on the CPU, in float64: the block-table shrink/expand, the
-expand deferred to the consumer (GELU / residual + LayerNorm, `fused_ops.LoraDelta`), the
-single-adapter merge and the merge of each adapter run all equal the per-segment reference, for every activation, mixed ranks,
+expand deferred to the consumer (GELU / residual + LayerNorm, `fused_ops.LoraDelta`) and the
+single-adapter merge all equal the per-segment reference, for every activation, mixed ranks,
 zero-rank slots, base rows and empty segments. (The same plans with the Triton kernels:
 tests/gpu/test_lora_fusion.py.)"""
 
@@ -54,7 +54,7 @@ def run(model, layers, batch, plan, segments=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("plan", ["tables", "deferred", "merged", "merged runs"])
+@pytest.mark.parametrize("plan", ["tables", "deferred", "merged"])
 def test_plan_equals_reference(model_and_layers, layout, plan):
     model, layers = model_and_layers
     lengths, slots = LAYOUTS[layout]
@@ -71,7 +71,7 @@ def test_empty_segments_change_nothing(model_and_layers):
     first, second, third = batch.adapter_segments
     segments = (AdapterSegment(3, 0, 0), first, second, AdapterSegment(4, 27, 27), third)
     expected = run(model, layers, batch, "reference")
-    for plan in ("tables", "deferred", "merged runs"):
+    for plan in ("tables", "deferred"):
         torch.testing.assert_close(run(model, layers, batch, plan, segments), expected, rtol=1e-10, atol=1e-10)
     # One adapter and an empty segment of another: still a one-adapter batch, merged.
     one = packed_batch([7, 20], [2, 2], "cpu")
@@ -82,7 +82,7 @@ def test_empty_segments_change_nothing(model_and_layers):
 
 def test_each_plan_takes_its_path(model_and_layers, monkeypatch):
     """Deferred: every single-slice linear hands a LoraDelta to its consumer and only Q/K/V expands.
-    Merged (one adapter, or each run): no shrink and no expand at all."""
+    Merged: no shrink and no expand at all."""
     model, layers = model_and_layers
     calls = {"shrink": 0, "expand": 0, "activation": 0}
 
@@ -101,8 +101,6 @@ def test_each_plan_takes_its_path(model_and_layers, monkeypatch):
     assert calls == {"shrink": 2 * 4, "expand": 2 * 1, "activation": 2}
     calls.update(shrink=0, expand=0, activation=0)
     run(model, layers, packed_batch([7, 3], [1, 1], "cpu"), "merged")
-    assert calls == {"shrink": 0, "expand": 0, "activation": 0}
-    run(model, layers, mixed, "merged runs")  # each adapter run merged: no shrink, no expand either
     assert calls == {"shrink": 0, "expand": 0, "activation": 0}
 
 

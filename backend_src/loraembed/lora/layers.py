@@ -13,10 +13,6 @@ slices, routed by `encoder.FUSED_PROJECTIONS` (vLLM's packed_modules_mapping).
 How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing syncs in the forward):
 - every row one adapter (no base rows): each linear merges W + B A of that slot into a scratch
   weight (one Triton pass over W; a batched addmm on the CPU) and runs one GEMM: no shrink, no expand;
-- a few long runs of adapters (several requests of many passages each, with or without base rows):
-  each run gets its own merge and GEMM, written into its rows of the output. A merge costs about
-  as much as LoRA on `MERGED_RUN_MIN_TOKENS` tokens by block tables, so this plan is taken when the
-  adapter runs average at least that many tokens;
 - mixed adapters (and base rows): the base GEMM, the shrink over a block table, and the expand,
   which `forward_deferred` hands to the consumer's elementwise kernel (`fused_ops.LoraDelta`):
   the GELU pass for intermediate.dense, residual + LayerNorm for the two other dense layers. The
@@ -44,11 +40,6 @@ from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
 from .segmented import apply_segmented_lora
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
-
-# A batch whose adapter runs (maximal runs of rows of one nonzero slot) average at least this many
-# tokens merges each run's adapter instead of using the block tables (benchmarks/lora_fusion_bench.py
-# --runs, H100, XLM-R base, 16k-token batches: see benchmarks/NOTES.md).
-MERGED_RUN_MIN_TOKENS = 2048
 
 # Linear modules under `encoder.layer.{i}.` that take LoRA -> the PEFT modules whose output
 # features they hold, in order (one, or several for a fused projection).
@@ -107,8 +98,6 @@ class LoraBatchState:
     token_slots: torch.Tensor | None = None  # [T] int32, set when expands are deferred to consumers
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
-    merged_runs: tuple[tuple[int, int, int], ...] | None = None  # (slot, token start, token end) covering
-    # the batch: each run's rows go through W + B A of its slot (W for slot 0)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
     buffer_generation: int = 0  # bumped whenever a linear's LoRA buffers are (re)allocated
     merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
@@ -206,8 +195,6 @@ class SegmentedLoraLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias), None  # [T, out]
         if state.merged_slot is not None:
             return F.linear(x, self._merged_weight(state.merged_slot), self.bias), None
-        if state.merged_runs is not None:
-            return self._forward_merged_runs(x, state.merged_runs), None
         output = F.linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
@@ -225,32 +212,20 @@ class SegmentedLoraLinear(nn.Linear):
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output, None
 
-    def _forward_merged_runs(self, x: torch.Tensor, runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
-        """[T, out]: each run's rows through its own merged weight, one GEMM per run; the merges
-        share one scratch weight, each read by its GEMM before the next merge (one stream)."""
-        output = x.new_empty(x.shape[0], self.out_features)
-        for slot, start, end in runs:
-            weight = self._merged_weight(slot) if self.slot_has_lora[slot] else self.weight
-            if self.bias is None:
-                torch.mm(x[start:end], weight.T, out=output[start:end])
-            else:
-                torch.addmm(self.bias, x[start:end], weight.T, out=output[start:end])
-        return output
-
     def _merged_weight(self, slot: int | torch.Tensor) -> torch.Tensor:
         """W + B[slot] A[slot] per output slice, into the shared scratch weight [out, in]; `slot` is
         an int, or a device index [1] (a CUDA graph's input)."""
         merged = self.batch_state.merge_buffer(self.weight)
         if self.uniform_slices:  # one launch for all slices
             return lora_merge(self.weight, self.lora_a_cat, self.lora_b_cat, slot, self.slice_widths[0], merged)
+
+        def of_slot(stack: torch.Tensor) -> torch.Tensor:
+            return stack[slot] if isinstance(slot, int) else stack.index_select(0, slot)[0]
+
         row = 0
         for index, width in enumerate(self.slice_widths):
-            lora_b, lora_a = self.lora_b[index], self.lora_a[index]
-            if isinstance(slot, int):
-                lora_b, lora_a = lora_b[slot], lora_a[slot]
-            else:
-                lora_b, lora_a = lora_b.index_select(0, slot)[0], lora_a.index_select(0, slot)[0]
-            torch.addmm(self.weight[row : row + width], lora_b, lora_a, out=merged[row : row + width])
+            torch.addmm(self.weight[row : row + width], of_slot(self.lora_b[index]), of_slot(self.lora_a[index]),
+                        out=merged[row : row + width])
             row += width
         return merged
 
@@ -271,8 +246,6 @@ class LoraLayers:
         self.use_block_tables = on_gpu  # shrink/expand over a block table (kernels; references on the CPU)
         self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
-        # Long adapter runs merged one by one (0: never); see MERGED_RUN_MIN_TOKENS.
-        self.merged_run_min_tokens = MERGED_RUN_MIN_TOKENS if on_gpu else 0
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
@@ -312,23 +285,15 @@ class LoraLayers:
         """Plan the batch about to run (host only; one host-to-device copy when it uses tables)."""
         state = self.batch_state
         state.segments = segments
-        state.block_table = state.token_slots = state.merged_slot = state.merged_runs = None
+        state.block_table = state.token_slots = state.merged_slot = None
         used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
         state.slot_bits = sum(1 << slot for slot in used)
         if not used - {0}:
             return
-        runs = _runs(segments)
         if self.merge_single_adapter and len(used) == 1:
             state.merged_slot = next(iter(used))
-        elif self._merges_runs(sum(end - start for slot, start, end in runs if slot), sum(1 for run in runs if run[0])):
-            state.merged_runs = runs
         elif self.use_block_tables:
             state.block_table, state.token_slots = build_lora_batch_tables(segments, self.device, self.defer_expand)
-
-    def _merges_runs(self, adapter_tokens: int, adapter_runs: int) -> bool:
-        """Whether a batch of `adapter_runs` runs of adapter rows holding `adapter_tokens` tokens in
-        all (besides one adapter for the whole batch) merges each run: see MERGED_RUN_MIN_TOKENS."""
-        return 0 < self.merged_run_min_tokens * adapter_runs <= adapter_tokens
 
     def deactivate(self) -> None:
         self.activate(())
@@ -338,11 +303,10 @@ class LoraLayers:
     def buffer_generation(self) -> int:
         return self.batch_state.buffer_generation
 
-    def graph_plan(self, slots: np.ndarray, lengths: np.ndarray) -> str | None:
-        """How a CUDA graph would run a batch whose rows use `slots` (some nonzero) and have `lengths`
-        tokens: "merged" (one adapter, merged per linear), "tables" (block tables), or None: it runs
-        eagerly (the CPU, a linear whose LoRA the Triton kernels do not cover, or long adapter runs,
-        merged one by one)."""
+    def graph_plan(self, slots: np.ndarray) -> str | None:
+        """How a CUDA graph would run a batch whose rows use `slots` (some nonzero): "merged" (one
+        adapter, merged per linear), "tables" (block tables), or None: it cannot be captured (the
+        CPU, or a linear whose LoRA the Triton kernels do not cover)."""
         if not self.use_block_tables:
             return None
         if self._kernels_cover[0] != self.buffer_generation:  # once per buffer layout, not per batch
@@ -356,9 +320,6 @@ class LoraLayers:
             return None
         if self.merge_single_adapter and slots[0] != 0 and (slots == slots[0]).all():
             return "merged"
-        run_starts = np.flatnonzero(np.diff(slots, prepend=-1))
-        if self._merges_runs(int(lengths[slots != 0].sum()), int(np.count_nonzero(slots[run_starts]))):
-            return None
         return "tables"
 
     def capture(
@@ -376,19 +337,6 @@ class LoraLayers:
         else:
             state.block_table = block_table
             state.token_slots = token_slots if self.defer_expand else None
-
-
-def _runs(segments: tuple[AdapterSegment, ...]) -> tuple[tuple[int, int, int], ...]:
-    """(slot, token start, token end) of the maximal runs of one slot, empty segments left out."""
-    runs: list[tuple[int, int, int]] = []
-    for segment in segments:
-        if segment.token_end <= segment.token_start:
-            continue
-        if runs and runs[-1][0] == segment.slot:
-            runs[-1] = (segment.slot, runs[-1][1], segment.token_end)
-        else:
-            runs.append((segment.slot, segment.token_start, segment.token_end))
-    return tuple(runs)
 
 
 @torch.no_grad()
