@@ -20,9 +20,11 @@
 #   --budget-s    (420) concurrency levels that would end after this many seconds from the start are
 #                 skipped (and marked so in the report), so the whole run stays within its slot
 #   --tokenizer-instances / --encoder-queue-delay-us / --tokenizer-queue-delay-us: served from a copy
-#                 of model_repository/ with those config.pbtxt values (default: the repository's)
+#                 of model_repository/ with those config.pbtxt values (default: the repository's; the
+#                 tokenizer instances: LORAEMBED_TOKENIZER_INSTANCES, default 4 on a GPU as the entrypoint's)
 #   --tokenizer-threads  RAYON_NUM_THREADS of the server (the fast tokenizer's threads per instance)
-#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default 1)
+#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default 2,
+#                 docker/entrypoint.sh's GPU default)
 #   --param       a serving parameter (LORAEMBED_NAME for the server, the same for the in-process run)
 #   --vocab       the tokenizer's (and the checkpoint's) vocabulary size (default 250002; 8000 with --tiny)
 #   --passage-tokens  median passage length in tokens (default 120; 40 with --tiny)
@@ -82,6 +84,10 @@ if ((tiny)); then
     [[ $report_dir == unset ]] && report_dir=""
 fi
 device=${device:-cuda} adapters=${adapters:-64} concurrency=${concurrency:-1,2,4,8,16,32,64,128}
+instances_given="$encoder_instances/$tokenizer_instances"
+if [[ $device == cuda ]]; then  # docker/entrypoint.sh's GPU defaults, spelled out for the report
+    encoder_instances=${encoder_instances:-2} tokenizer_instances=${tokenizer_instances:-4}
+fi
 tokenizer_concurrency=${tokenizer_concurrency:-4,16,64} window_ms=${window_ms:-1000} warmup_ms=${warmup_ms:-300}
 [[ $report_dir == unset ]] && report_dir=$ROOT/benchmarks
 work=${work:-${TMPDIR:-/tmp}/loraembed-bench/serve-$model}
@@ -180,6 +186,7 @@ for param in ${params[@]+"${params[@]}"}; do
 done
 [[ -n $tokenizer_threads ]] && server_env+=(RAYON_NUM_THREADS="$tokenizer_threads")
 [[ -n $encoder_instances ]] && server_env+=(LORAEMBED_INSTANCES_PER_GPU="$encoder_instances")
+[[ -n $tokenizer_instances ]] && server_env+=(LORAEMBED_TOKENIZER_INSTANCES="$tokenizer_instances")
 server_pid=""
 stop_server() {  # SIGTERM (models unload), then after 15 s SIGKILL for the server and its stubs (its group)
     if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
@@ -270,6 +277,7 @@ settings="tokenizer instances $(served_value tokenizer 'count' "$tokenizer_insta
 settings+=" tokenizer max_queue_delay $(served_value tokenizer max_queue_delay_microseconds "$tokenizer_delay") us,"
 settings+=" encoder max_queue_delay $(served_value encoder max_queue_delay_microseconds "$encoder_delay") us,"
 settings+=" RAYON_NUM_THREADS ${tokenizer_threads:-unset}, encoder instances per GPU ${encoder_instances:-1}"
+[[ $device == cuda && $instances_given == "/" ]] && settings+=" (instances: the entrypoint's GPU defaults)"
 settings+="${params[*]+, ${params[*]}}"
 "$host_python" "$ROOT/benchmarks/serve_report.py" report "$raw" --out-dir "$out" ${report_dir:+--report-dir "$report_dir"} \
     --meta "card=$card" --meta "cpu=$cpu" --meta "server_version=$server_version" --meta "perf_analyzer=${pa_version:-?}" \

@@ -1,5 +1,6 @@
-"""docker/entrypoint.sh: the tritonserver command line it builds, and the encoder instance group it
-writes for LORAEMBED_GPUS (into a copy of the repository), run against a stand-in tritonserver."""
+"""docker/entrypoint.sh: the tritonserver command line it builds, and the instance groups it writes
+(into a copy of the repository) for LORAEMBED_GPUS and on a GPU host, run against a stand-in
+tritonserver and a stand-in nvidia-smi (no GPU unless a test says so)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,14 @@ def without_instance_group(config: model_config_pb2.ModelConfig) -> model_config
     return config
 
 
+NO_GPU = "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n"
+ONE_GPU = "#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+
+
 @pytest.fixture
 def run_entrypoint(tmp_path):
-    """Run the entrypoint with `env` added; returns (result, tritonserver's arguments or None)."""
+    """Run the entrypoint with `env` added (and `nvidia_smi`, the stand-in's script); returns
+    (result, tritonserver's arguments or None)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     args_file = tmp_path / "tritonserver-args"
@@ -37,7 +43,9 @@ def run_entrypoint(tmp_path):
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{args_file}"\n')
     fake.chmod(0o755)
 
-    def run(env: dict[str, str], *args: str):
+    def run(env: dict[str, str], *args: str, nvidia_smi: str = NO_GPU):
+        (bin_dir / "nvidia-smi").write_text(nvidia_smi)
+        (bin_dir / "nvidia-smi").chmod(0o755)
         environ = {key: value for key, value in os.environ.items() if not key.startswith("LORAEMBED_")}
         environ |= {"PATH": f"{bin_dir}:{environ['PATH']}", "TMPDIR": str(tmp_path)} | env
         args_file.unlink(missing_ok=True)
@@ -72,27 +80,33 @@ def test_ports_and_shared_memory_come_from_the_environment(run_entrypoint):
 
 
 @pytest.mark.parametrize(
-    ("env", "kind", "count", "gpus"),
+    ("env", "nvidia_smi", "count", "gpus", "tokenizers"),
     [
-        ({"LORAEMBED_GPUS": "0,1"}, KIND.KIND_GPU, 1, [0, 1]),
-        ({"LORAEMBED_GPUS": "3"}, KIND.KIND_GPU, 1, [3]),
-        ({"LORAEMBED_GPUS": "1,0", "LORAEMBED_INSTANCES_PER_GPU": "2"}, KIND.KIND_GPU, 2, [1, 0]),
-        ({"LORAEMBED_INSTANCES_PER_GPU": "2"}, KIND.KIND_GPU, 2, []),  # count on each visible GPU
+        ({"LORAEMBED_GPUS": "0,1"}, NO_GPU, 2, [0, 1], 4),  # the GPU defaults: 2 per GPU, 4 tokenizers
+        ({"LORAEMBED_GPUS": "3"}, NO_GPU, 2, [3], 4),
+        ({"LORAEMBED_GPUS": "1,0", "LORAEMBED_INSTANCES_PER_GPU": "1"}, NO_GPU, 1, [1, 0], 4),
+        ({"LORAEMBED_INSTANCES_PER_GPU": "3"}, NO_GPU, 3, [], 2),  # count on each visible GPU
+        ({}, ONE_GPU, 2, [], 4),  # nvidia-smi lists a GPU: the GPU defaults
+        ({"LORAEMBED_GPUS": "all", "LORAEMBED_TOKENIZER_INSTANCES": "8"}, ONE_GPU, 2, [], 8),
     ],
 )
-def test_gpus_rewrite_only_the_encoder_instance_group_of_a_copy(run_entrypoint, env, kind, count, gpus):
+def test_gpus_rewrite_only_the_instance_groups_of_a_copy(run_entrypoint, env, nvidia_smi, count, gpus, tokenizers):
     original = {path: path.read_bytes() for path in REPOSITORY.glob("*/config.pbtxt")}
-    result, argv = run_entrypoint(env)
+    result, argv = run_entrypoint(env, nvidia_smi=nvidia_smi)
     assert result.returncode == 0, result.stderr
     copy = served_repository(argv)
     assert copy != REPOSITORY and copy.is_dir()
-    encoder = parse_config(copy / "encoder" / "config.pbtxt")
+    encoder, tokenizer = (parse_config(copy / model / "config.pbtxt") for model in ("encoder", "tokenizer"))
     (group,) = encoder.instance_group
-    assert (group.kind, group.count, list(group.gpus)) == (kind, count, gpus)
+    assert (group.kind, group.count, list(group.gpus)) == (KIND.KIND_GPU, count, gpus)
+    (group,) = tokenizer.instance_group
+    assert (group.kind, group.count) == (KIND.KIND_CPU, tokenizers)
     # Everything else is the repository's, byte for byte or field for field.
-    assert without_instance_group(encoder) == without_instance_group(parse_config(REPOSITORY / "encoder" / "config.pbtxt"))
-    for model in ("tokenizer", "embed"):
-        assert (copy / model / "config.pbtxt").read_bytes() == (REPOSITORY / model / "config.pbtxt").read_bytes()
+    for model, config in (("encoder", encoder), ("tokenizer", tokenizer)):
+        assert without_instance_group(config) == without_instance_group(parse_config(REPOSITORY / model / "config.pbtxt"))
+    if tokenizers == 2:
+        assert (copy / "tokenizer" / "config.pbtxt").read_bytes() == (REPOSITORY / "tokenizer" / "config.pbtxt").read_bytes()
+    assert (copy / "embed" / "config.pbtxt").read_bytes() == (REPOSITORY / "embed" / "config.pbtxt").read_bytes()
     assert (copy / "encoder" / "1" / "model.py").read_bytes() == (REPOSITORY / "encoder" / "1" / "model.py").read_bytes()
     assert {path: path.read_bytes() for path in REPOSITORY.glob("*/config.pbtxt")} == original
 
