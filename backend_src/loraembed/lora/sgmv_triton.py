@@ -155,7 +155,6 @@ if triton is not None:
         base = tl.load(out, mask=mask, other=0.0)
         tl.store(out, (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit(do_not_specialize=["slot"])
     def _lora_merge_kernel(
         weight_ptr, a_ptr, b_ptr, out_ptr, slot_ptr, slot,
