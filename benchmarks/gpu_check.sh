@@ -29,8 +29,12 @@ for step in "$@"; do
     [[ $step == *=* ]] && arguments=${step#*=}
     case $name in
         tests)
+            # The venv's python3 sees flash-attn; with the server bundle carried it also has numpy<2,
+            # under which transformers does not import (2026-11-28: 21 errors): then the host's.
+            test_python=python3
+            python3 -c 'import transformers' >/dev/null 2>&1 || test_python=${HOST_PYTHON:-python3}
             # shellcheck disable=SC2086  # the arguments are a word list
-            python3 -m pytest -q -s -p no:cacheprovider ${arguments:-tests/gpu} >"$OUT/gpu-tests.log" 2>&1
+            "$test_python" -m pytest -q -s -p no:cacheprovider ${arguments:-tests/gpu} >"$OUT/gpu-tests.log" 2>&1
             note "tests ($arguments): rc=$? $(tail -1 "$OUT/gpu-tests.log")"
             ;;
         attention)
