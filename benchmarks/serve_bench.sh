@@ -84,8 +84,9 @@ if ((tiny)); then
     [[ $report_dir == unset ]] && report_dir=""
 fi
 device=${device:-cuda} adapters=${adapters:-64} concurrency=${concurrency:-1,2,4,8,16,32,64,128}
-instances_given="$encoder_instances/$tokenizer_instances"
+instances_note=""
 if [[ $device == cuda ]]; then  # docker/entrypoint.sh's GPU defaults, spelled out for the report
+    [[ -z $encoder_instances$tokenizer_instances ]] && instances_note=" (instances: the entrypoint's GPU defaults)"
     encoder_instances=${encoder_instances:-2} tokenizer_instances=${tokenizer_instances:-4}
 fi
 tokenizer_concurrency=${tokenizer_concurrency:-4,16,64} window_ms=${window_ms:-1000} warmup_ms=${warmup_ms:-300}
@@ -186,6 +187,7 @@ for param in ${params[@]+"${params[@]}"}; do
 done
 [[ -n $tokenizer_threads ]] && server_env+=(RAYON_NUM_THREADS="$tokenizer_threads")
 [[ -n $encoder_instances ]] && server_env+=(LORAEMBED_INSTANCES_PER_GPU="$encoder_instances")
+# Also to the entrypoint: on a GPU its own default would replace the count written into the copy.
 [[ -n $tokenizer_instances ]] && server_env+=(LORAEMBED_TOKENIZER_INSTANCES="$tokenizer_instances")
 server_pid=""
 stop_server() {  # SIGTERM (models unload), then after 15 s SIGKILL for the server and its stubs (its group)
@@ -201,7 +203,8 @@ stop_server() {  # SIGTERM (models unload), then after 15 s SIGKILL for the serv
     server_pid=""
 }
 trap stop_server EXIT
-say "starting tritonserver ($(grep -h '^instance_group\|max_queue_delay' "$repository"/{tokenizer,encoder}/config.pbtxt | tr -s ' ' | paste -sd';' -))"
+say "starting tritonserver ($(grep -h '^instance_group\|max_queue_delay' "$repository"/{tokenizer,encoder}/config.pbtxt | tr -s ' ' | paste -sd';' -);" \
+    "encoder instances per GPU ${encoder_instances:-as in the repository}, set by the entrypoint)"
 own_group=(setsid)
 command -v setsid >/dev/null || own_group=()  # then the SIGKILL below reaches only what is left of the group
 "${own_group[@]}" env "${server_env[@]}" "$ROOT/docker/entrypoint.sh" --backend-directory="$backends" --http-address=127.0.0.1 \
@@ -277,7 +280,7 @@ settings="tokenizer instances $(served_value tokenizer 'count' "$tokenizer_insta
 settings+=" tokenizer max_queue_delay $(served_value tokenizer max_queue_delay_microseconds "$tokenizer_delay") us,"
 settings+=" encoder max_queue_delay $(served_value encoder max_queue_delay_microseconds "$encoder_delay") us,"
 settings+=" RAYON_NUM_THREADS ${tokenizer_threads:-unset}, encoder instances per GPU ${encoder_instances:-1}"
-[[ $device == cuda && $instances_given == "/" ]] && settings+=" (instances: the entrypoint's GPU defaults)"
+settings+=$instances_note
 settings+="${params[*]+, ${params[*]}}"
 "$host_python" "$ROOT/benchmarks/serve_report.py" report "$raw" --out-dir "$out" ${report_dir:+--report-dir "$report_dir"} \
     --meta "card=$card" --meta "cpu=$cpu" --meta "server_version=$server_version" --meta "perf_analyzer=${pa_version:-?}" \
