@@ -292,7 +292,7 @@ class EmbeddingEngine:
                 results[index] = error
         if position > run_start:
             parts.append(plain_part.select(list(range(run_start, position))))
-        return _ValidRequests.concatenate(parts) if parts else _ValidRequests.concatenate([plain_part.select([])])
+        return _ValidRequests.concatenate(parts) if parts else plain_part.select([])
 
     def _validate_plain(self, requests: list[EncoderRequest], indices: list[int]) -> tuple[_ValidRequests, list[int]]:
         """The plain requests whose masks are all ones and ids in the vocabulary (`validate`'s
