@@ -1,15 +1,14 @@
 """Launch settings of the LoRA kernels, swept on one GPU: the shrink and the Q/K/V expand
-(`lora/sgmv_triton.py`), the two consumer kernels that add the deferred expand (`fused_ops.py`:
-GELU + LoRA on [T, 3072], residual + LayerNorm + LoRA on [T, 768]) and their forms that also
-shrink for the next linear (`fused_ops.LoraShrink`: output.dense's shrink in the GELU pass, the
-next Q/K/V's in the LayerNorm), over one packed batch of 16,384 tokens cut into 64 rank-16
-adapter segments (the engine's layout: rows grouped by slot); and the merge W + B A of one-adapter batches (`sgmv_triton.lora_merge`) over the four weight shapes
+(`lora/sgmv_triton.py`) and the two consumer kernels that add the deferred expand (`fused_ops.py`:
+GELU + LoRA on [T, 3072], residual + LayerNorm + LoRA on [T, 768]), over one packed batch of
+16,384 tokens cut into 64 rank-16 adapter segments (the engine's layout: rows grouped by slot);
+and the merge W + B A of one-adapter batches (`sgmv_triton.lora_merge`) over the four weight shapes
 of an XLM-R base layer. The settings the code uses today are the first row of each kernel, measured
 in the same run, and so are the plain kernels without LoRA (cuBLAS-free: F.gelu and the residual +
 LayerNorm kernel; for the merge, a copy of W), which bound what a fused kernel can reach.
 
     python benchmarks/lora_kernel_sweep.py [--tokens 16384] [--adapters 64] [--rank 16]
-        [--kernels shrink,expand,gelu,layernorm,merge,gelu-shrink,layernorm-shrink] [--out FILE.md]
+        [--kernels shrink,expand,gelu,layernorm,merge] [--out FILE.md]
 
 Prints a table (card, date; microseconds per call, median of triton.testing.do_bench) last.
 """
@@ -89,7 +88,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--kernels", default="shrink,expand,gelu,layernorm,merge,gelu-shrink,layernorm-shrink")
+    parser.add_argument("--kernels", default="shrink,expand,gelu,layernorm,merge")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     kernels = set(args.kernels.split(","))
@@ -157,46 +156,21 @@ def main() -> None:
         sweep(rows, "gelu + lora", [current_activation, *itertools.product((32, 64, 128), (64, 128, 256), (16,), (4, 8), (1, 2))],
               gelu, lambda t, n, r, w, s: f"BLOCK_T={t} BLOCK_N={n} warps={w} stages={s}")
 
-    # The same GELU pass over whole rows that also shrinks for output.dense (16 ranks over 3072 inputs).
-    launch = fused_ops.LORA_ACTIVATION_SHRINK_LAUNCH
-    current_fold = (launch["BLOCK_T"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"])
-    shrunk_out = torch.empty(tokens, rank, device=device)
-
-    def gelu_shrink(block_t, block_n, warps, stages):
-        fused_ops._lora_activation_shrink_kernel[(triton.cdiv(tokens, block_t),)](
-            wide, shrunk, b_wide, token_slots, wide, a_wide, shrunk_out, tokens, INTERMEDIATE, rank, rank,
-            wide.stride(0), shrunk.stride(0), b_wide.stride(0), b_wide.stride(1), wide.stride(0),
-            a_wide.stride(0), a_wide.stride(1), shrunk_out.stride(0),
-            ACTIVATION=1, HAS_DELTA=True, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=fused_ops.LORA_RANK_CHUNK,
-            BLOCK_R_OUT=max(16, triton.next_power_of_2(rank)), num_warps=warps, num_stages=stages,
-        )
-    if "gelu-shrink" in kernels:
-        sweep(rows, "gelu + lora + shrink", [current_fold, *itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3))],
-              gelu_shrink, lambda t, n, w, s: f"BLOCK_T={t} BLOCK_N={n} warps={w} stages={s}")
-
-    # Residual + LayerNorm + LoRA over a [T, 768] output; with the next Q/K/V's shrink (48 ranks).
+    # Residual + LayerNorm + LoRA over a [T, 768] output.
     out = torch.empty_like(x)
-    shrunk_qkv_out = torch.empty(tokens, 3 * rank, device=device)
 
-    def layer_norm(rows_per, block_r, warps, stages, with_shrink=False):
+    def layer_norm(rows_per, block_r, warps, stages):
         fused_ops._add_lora_layer_norm_kernel[(triton.cdiv(tokens, rows_per),)](
-            x, residual, norm_weight, norm_bias, shrunk, b_narrow, token_slots, out, a_qkv, shrunk_qkv_out,
-            tokens, HIDDEN, rank, 3 * rank if with_shrink else 0, 1e-5, shrunk.stride(0), b_narrow.stride(0),
-            b_narrow.stride(1), a_qkv.stride(0), a_qkv.stride(1), shrunk_qkv_out.stride(0),
-            HAS_DELTA=True, HAS_SHRINK=with_shrink,
+            x, residual, norm_weight, norm_bias, shrunk, b_narrow, token_slots, out,
+            tokens, HIDDEN, rank, 1e-5, shrunk.stride(0), b_narrow.stride(0), b_narrow.stride(1),
             BLOCK=triton.next_power_of_2(HIDDEN), ROWS=rows_per, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
         )
-    current_norm = (fused_ops.ROWS_PER_LORA_NORM, fused_ops.LORA_RANK_CHUNK, *fused_ops.LORA_LAYER_NORM_LAUNCH.values())
     if "layernorm" in kernels:
         rows.append(("layernorm + lora", "plain residual + LayerNorm kernel, no LoRA (bound)",
                      microseconds(lambda: fused_ops.add_layer_norm(x, residual, norm_weight, norm_bias, 1e-5))))
+        current_norm = (fused_ops.ROWS_PER_LORA_NORM, fused_ops.LORA_RANK_CHUNK, *fused_ops.LORA_LAYER_NORM_LAUNCH.values())
         sweep(rows, "layernorm + lora", [current_norm, *itertools.product((16, 32, 64), (16,), (4, 8, 16), (1, 2))],
               layer_norm, lambda t, r, w, s: f"ROWS={t} warps={w} stages={s}")
-    if "layernorm-shrink" in kernels:
-        sweep(rows, "layernorm + lora + qkv shrink",
-              [current_norm, *itertools.product((16, 32), (16, 32), (4, 8), (1,))],
-              lambda t, r, w, s: layer_norm(t, r, w, s, with_shrink=True),
-              lambda t, r, w, s: f"ROWS={t} BLOCK_R={r} warps={w} stages={s}")
     if "merge" in kernels:
         sweep_merge(rows, device, dtype, rank, slots)
 

@@ -13,7 +13,7 @@ from .attention import varlen_attention
 from .checkpoint import normalize_checkpoint_keys, read_state_dict
 from .config import EncoderConfig
 from .errors import CheckpointError
-from .fused_ops import ACTIVATIONS, LoraDelta, LoraShrink, add_layer_norm, add_lora_activation
+from .fused_ops import ACTIVATIONS, LoraDelta, add_layer_norm, add_lora_activation
 from .packing import PackedBatch
 
 # The one fusion table (vLLM's packed_modules_mapping): a fused module and the checkpoint modules
@@ -24,34 +24,17 @@ FUSED_PROJECTIONS = {
 
 
 def _add_layer_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    norm: nn.LayerNorm,
-    lora: LoraDelta | None = None,
-    shrink: LoraShrink | None = None,
+    x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, lora: LoraDelta | None = None
 ) -> torch.Tensor:
-    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, lora, shrink)
+    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, lora)
 
 
-def _linear(
-    linear: nn.Module, x: torch.Tensor, shrink: LoraShrink | None = None, defer: bool = True
-) -> tuple[torch.Tensor, LoraDelta | None]:
+def _linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LoraDelta | None]:
     """The linear's output and a LoRA delta still to be added to it: None for a plain `nn.Linear`.
     The LoRA layers (lora/layers.py, swapped in from outside) return one so that the consumer's
-    elementwise kernel adds it in the pass it makes anyway; `defer=False` when the consumer has no
-    such kernel. `shrink`: the request `_input_shrink` made of the kernel that wrote x, now filled."""
+    elementwise kernel adds it in the pass it makes anyway."""
     forward_deferred = getattr(linear, "forward_deferred", None)
-    if forward_deferred is None:
-        return linear(x), None
-    return forward_deferred(x, defer=defer, shrunk=None if shrink is None else shrink.out)
-
-
-def _input_shrink(linear: nn.Module | None, x_like: torch.Tensor) -> LoraShrink | None:
-    """The LoRA shrink that the kernel writing the linear's input (shaped like x_like) should also do,
-    so the linear skips its own pass over that input; None for a plain `nn.Linear` or a batch whose
-    plan has no such shrinks."""
-    input_shrink = getattr(linear, "input_shrink", None)
-    return None if input_shrink is None else input_shrink(x_like)
+    return (linear(x), None) if forward_deferred is None else forward_deferred(x)
 
 
 class Embeddings(nn.Module):
@@ -114,34 +97,22 @@ class Layer(nn.Module):
         self.hidden_act = config.hidden_act
         self.activation = ACTIVATIONS[config.hidden_act]
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        batch: PackedBatch,
-        attention_backend: str,
-        qkv_shrink: LoraShrink | None = None,
-        next_qkv: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, LoraShrink | None]:
-        """The layer's output [T, H], and the LoRA shrink of it that the next layer's Q/K/V projection
-        (`next_qkv`) asked for, if any; `qkv_shrink`: this layer's, from the layer before."""
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str) -> torch.Tensor:
         total_tokens, hidden_size = hidden.shape  # [T, H]
-        qkv, _ = _linear(self.attention.self.qkv, hidden, qkv_shrink, defer=False)  # attention adds no delta
-        query, key, value = qkv.view(total_tokens, 3, self.num_heads, self.head_dim).unbind(1)  # [T, heads, d]
+        qkv = self.attention.self.qkv(hidden).view(total_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(1)  # each [T, heads, head_dim]
         context = varlen_attention(
             query, key, value, batch.cu_seqlens, batch.max_seqlen, batch.token_sequence_index, attention_backend
         )
         attended, lora = _linear(self.attention.output.dense, context.reshape(total_tokens, hidden_size))  # [T, H]
-        shrink = _input_shrink(self.intermediate.dense, hidden)
-        hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm, lora, shrink)
-        intermediate, lora = _linear(self.intermediate.dense, hidden, shrink)  # [T, I]
-        shrink = _input_shrink(self.output.dense, intermediate)
-        if lora is None and shrink is None:
+        hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm, lora)
+        intermediate, lora = _linear(self.intermediate.dense, hidden)  # [T, I]
+        if lora is None:
             intermediate = self.activation(intermediate)
         else:
-            intermediate = add_lora_activation(intermediate, lora, self.hidden_act, shrink)
-        output, lora = _linear(self.output.dense, intermediate, shrink)  # [T, H]
-        next_shrink = _input_shrink(next_qkv, hidden)
-        return _add_layer_norm(output, hidden, self.output.LayerNorm, lora, next_shrink), next_shrink  # [T, H]
+            intermediate = add_lora_activation(intermediate, lora, self.hidden_act)
+        output, lora = _linear(self.output.dense, intermediate)  # [T, H]
+        return _add_layer_norm(output, hidden, self.output.LayerNorm, lora)  # [T, H]
 
 
 class LayerStack(nn.Module):
@@ -163,15 +134,9 @@ class PackedEncoder(nn.Module):
         self.encoder = LayerStack(config)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return self.run_layers(self.embeddings(batch.input_ids, batch.position_ids), batch)
-
-    def run_layers(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """The layer stack over the embedded tokens [T, H]."""
-        layers = self.encoder.layer
-        qkv_shrink = None  # each layer's output LayerNorm shrinks for the next layer's Q/K/V
-        for index, layer in enumerate(layers):
-            next_qkv = layers[index + 1].attention.self.qkv if index + 1 < len(layers) else None
-            hidden, qkv_shrink = layer(hidden, batch, self.attention_backend, qkv_shrink, next_qkv)
+        hidden = self.embeddings(batch.input_ids, batch.position_ids)  # [T, H]
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, batch, self.attention_backend)
         return hidden
 
     def checkpoint_shapes(self) -> dict[str, torch.Size]:

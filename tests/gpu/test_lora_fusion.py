@@ -1,8 +1,7 @@
-"""The LoRA expand fused into its consumer (`fused_ops.add_lora_activation`, `add_layer_norm(lora=)`),
-the shrinks folded into the kernels that write their inputs (`LoraShrink`), and the single-adapter
-merge, on the GPU, against the float64 references: random shapes, ranks 8/16/64 mixed with
-zero-rank slots, segment layouts with base-only and empty segments, token counts that are not
-multiples of the block size. Base rows are never read from the shrunk rows (NaN there)."""
+"""The LoRA expand fused into its consumer (`fused_ops.add_lora_activation`, `add_layer_norm(lora=)`)
+and the single-adapter merge, on the GPU, against the float64 references: random shapes, ranks
+8/16/64 mixed with zero-rank slots, segment layouts with base-only and empty segments, token counts
+that are not multiples of the block size. Base rows are never read from the shrunk rows (NaN there)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from loraembed.fused_ops import (
     ACTIVATIONS,
     LORA_LAYER_NORM_MAX_BLOCK,
     LoraDelta,
-    LoraShrink,
     add_layer_norm,
     add_lora_activation,
 )
@@ -164,84 +162,6 @@ def test_add_layer_norm_with_lora_matches_reference(tokens, hidden, dtype):
         torch.testing.assert_close(got[base], plain, rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
 
 
-def shrink_request(tokens, in_features, slots, rank_total, segments, dtype, seed) -> LoraShrink:
-    """A LoraShrink of rank_total columns ([slots, rank_total, in] A, NaN for slot 0 and in the output)."""
-    generator = torch.Generator().manual_seed(seed)
-    lora_a = torch.randn(slots, rank_total, in_features, generator=generator, dtype=torch.float64) / in_features**0.5
-    lora_a[0] = float("nan")  # slot 0 must never be read
-    _, token_slots = build_lora_batch_tables(segments, torch.device(DEVICE), with_token_slots=True)
-    if token_slots is None:
-        token_slots = torch.zeros(tokens, device=DEVICE, dtype=torch.int32)
-    out = torch.full((tokens, rank_total), float("nan"), device=DEVICE)
-    return LoraShrink(lora_a.to(DEVICE, dtype), token_slots, out)
-
-
-def assert_shrink_matches(y: torch.Tensor, shrink: LoraShrink, segments, tokens):
-    """shrink.out against y (as the kernel stored it) times each row's A in float64; base rows untouched."""
-    base = base_rows(segments, tokens)
-    assert shrink.out[base].isnan().all()  # never written
-    adapter = ~base
-    if not adapter.any():
-        return
-    a64 = shrink.lora_a.double()[shrink.token_slots[adapter].long()]  # [rows, R, in]
-    expected = torch.einsum("ti,tri->tr", y[adapter].double(), a64)
-    assert not shrink.out[adapter].isnan().any()
-    error = relative_error(shrink.out[adapter], expected)
-    assert error < 1e-4, error  # float32 sums of exact half-precision products
-
-
-# intermediate.dense's shrink after the attention LayerNorm (rank 16 and 64), the next Q/K/V's (3 x 16,
-# 3 x 64: rank chunks past the smallest dot), XLM-R large and odd widths
-FOLD_LAYER_NORM_CASES = [(1, 768, 16), (17, 768, 48), (1000, 768, 192), (4097, 768, 16), (333, 384, 64),
-                         (130, 100, 24), (257, 1024, 48)]
-
-
-@pytest.mark.parametrize("tokens, hidden, rank_total", FOLD_LAYER_NORM_CASES)
-@pytest.mark.parametrize("with_delta", [True, False], ids=["delta", "no delta"])
-def test_layer_norm_folds_the_next_shrink(tokens, hidden, rank_total, with_delta):
-    dtype = torch.bfloat16
-    for layout, segments in layouts(tokens, 5, tokens + hidden).items():
-        lora, expected_delta = delta_and_lora(tokens, hidden, hidden, 5, segments, dtype, tokens)
-        shrink = shrink_request(tokens, hidden, 5, rank_total, segments, dtype, tokens + 1)
-        torch.manual_seed(hidden)
-        x, residual = (torch.randn(tokens, hidden, device=DEVICE, dtype=dtype) * 2 for _ in range(2))
-        weight = torch.randn(hidden, device=DEVICE, dtype=dtype)
-        bias = torch.randn(hidden, device=DEVICE, dtype=dtype)
-        got = add_layer_norm(x.clone(), residual, weight, bias, 1e-5, lora if with_delta else None, shrink)
-        unfolded = add_layer_norm(x.clone(), residual, weight, bias, 1e-5, lora if with_delta else None)
-        # The shrink changes nothing of the LayerNorm (without a delta, the plain kernel sums its rows
-        # in another order: to the last place).
-        eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(got, unfolded, rtol=0 if with_delta else 2 * eps, atol=0 if with_delta else 2 * eps)
-        assert_shrink_matches(got, shrink, segments, tokens)
-
-
-# output.dense's shrink after the GELU pass: rank 16 and 64 (the widest partial sums), odd widths
-FOLD_ACTIVATION_CASES = [(1, 3072, 16), (63, 3072, 64), (4097, 3072, 16), (333, 1536, 8), (130, 200, 16),
-                         (65, 4096, 128)]
-
-
-@pytest.mark.parametrize("tokens, width, rank", FOLD_ACTIVATION_CASES)
-@pytest.mark.parametrize("with_delta", [True, False], ids=["delta", "no delta"])
-def test_activation_folds_the_next_shrink(tokens, width, rank, with_delta):
-    dtype = torch.bfloat16
-    for layout, segments in layouts(tokens, 6, tokens + width).items():
-        lora, _ = delta_and_lora(tokens, 768, width, 6, segments, dtype, tokens)
-        shrink = shrink_request(tokens, width, 6, rank, segments, dtype, tokens + 2)
-        torch.manual_seed(tokens + 1)
-        x = torch.randn(tokens, width, device=DEVICE, dtype=dtype)
-        for activation in ("gelu", "relu") if with_delta else ("gelu",):
-            got = add_lora_activation(x.clone(), lora if with_delta else None, activation, shrink)
-            if with_delta:
-                unfolded = add_lora_activation(x.clone(), lora, activation)
-            else:
-                unfolded = ACTIVATIONS[activation](x)
-            # The same value per element; the plain GELU may differ from the kernel's in the last place.
-            torch.testing.assert_close(got, unfolded, rtol=torch.finfo(dtype).eps, atol=1e-6)
-            assert_shrink_matches(got, shrink, segments, tokens)
-            shrink.out.fill_(float("nan"))
-
-
 # --- whole encoders: the plans against the float64 per-segment reference --------------------------
 
 SLOT_RANKS = {1: 8, 2: 16, 3: 64, 4: 16, 5: 8}
@@ -293,10 +213,10 @@ def test_encoder_plans_match_float64_reference(encoders, layout):
     base_batch = packed_batch(lengths, [0] * len(lengths), DEVICE, seed=len(lengths))  # the same tokens
     without_lora = run(model64, layers64, base_batch, "reference")
     errors = {plan: relative_error(run(model, layers, batch, plan), expected)
-              for plan in ("reference", "tables", "deferred", "folded", "merged")}
+              for plan in ("reference", "tables", "deferred", "merged")}
     print(layout, {plan: f"{error:.2e}" for plan, error in errors.items()},
           f"LoRA effect {relative_error(without_lora, expected):.2e}")
-    for plan in ("tables", "deferred", "folded", "merged"):  # the fast paths: no worse than the bf16 reference
+    for plan in ("tables", "deferred", "merged"):  # the fast paths: no worse than the bf16 reference
         assert errors[plan] < max(1.5 * errors["reference"], errors["reference"] + 2e-3), (plan, errors)
     if any(slot not in (0, 5) for slot in slots):  # the adapters move the output well beyond the bf16 error
         assert relative_error(without_lora, expected) > 5 * max(errors.values())
@@ -313,7 +233,7 @@ def test_forward_does_not_sync_with_the_host(encoders):
         for layout in ("mixed ranks, base rows", "one adapter"):
             lengths, slots = ENCODER_LAYOUTS[layout]
             batch = packed_batch(lengths, slots, DEVICE)
-            for plan in ("tables", "deferred", "folded", "merged"):
+            for plan in ("tables", "deferred", "merged"):
                 set_plan(layers, plan)
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")

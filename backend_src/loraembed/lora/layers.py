@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import FUSED_PROJECTIONS, PackedEncoder
-from ..fused_ops import LoraDelta, LoraShrink
+from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
 from .segmented import apply_segmented_lora
@@ -96,7 +96,6 @@ class LoraBatchState:
     slot_bits: int = 0  # bit s set: some token of the batch uses slot s
     block_table: torch.Tensor | None = None  # for the shrink/expand; see sgmv_triton.build_block_table
     token_slots: torch.Tensor | None = None  # [T] int32, set when expands are deferred to consumers
-    fold_shrinks: bool = False  # the kernels that produce a linear's input also shrink it (`input_shrink`)
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
@@ -187,56 +186,27 @@ class SegmentedLoraLinear(nn.Linear):
         """The linear's output with the LoRA of each token's slot added (the fused Q/K/V path)."""
         return self.forward_deferred(x, defer=False)[0]
 
-    def _uses_block_tables(self, x: torch.Tensor) -> bool:
-        """Whether this batch's LoRA here runs as the shrink/expand kernels (or their references) over
-        the block table; False: no LoRA, the merged weight, or the per-segment reference."""
-        state = self.batch_state
-        return (
-            bool(self.rank_capacity if state.graph_capture else self.lora_slot_bits & state.slot_bits)
-            and state.merged_slot is None
-            and state.block_table is not None
-            and self.uniform_slices
-            and (not x.is_cuda or sgmv_supported(x, self.slice_widths[0], self.rank_capacity))
-        )
-
-    def input_shrink(self, x: torch.Tensor) -> LoraShrink | None:
-        """What the kernel that writes this linear's input x [T, in] (still to be written; any tensor
-        of its shape, dtype and device) should shrink for it in the same pass, or None: the batch was
-        not planned for it, or this linear runs no block-table LoRA. Pass the `out` of the returned
-        request to `forward_deferred` as `shrunk`."""
-        state = self.batch_state
-        if not (state.fold_shrinks and state.token_slots is not None and self._uses_block_tables(x)):
-            return None
-        block_table, lora_a = state.block_table, self.lora_a_cat
-        return LoraShrink(
-            lora_a, state.token_slots,
-            torch.empty(x.shape[0], lora_a.shape[1], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)),
-            # A producer no kernel covers on the GPU shrinks as the linear would have; on the CPU
-            # the reference by token slots runs, a second reference for the tests to hold up.
-            separately=(lambda y: lora_shrink(y, lora_a, block_table)) if x.is_cuda else None,
-        )
-
-    def forward_deferred(
-        self, x: torch.Tensor, defer: bool = True, shrunk: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LoraDelta | None]:
+    def forward_deferred(self, x: torch.Tensor, defer: bool = True) -> tuple[torch.Tensor, LoraDelta | None]:
         """(output, LoRA delta still to add to it, or None). The encoder's layer asks for this where
         the output's consumer is a `fused_ops` kernel that adds the delta in its own pass; the
-        delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`).
-        `shrunk`: x's shrink, already written by the kernel that produced x (`input_shrink`)."""
+        delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`)."""
         state = self.batch_state
         if not (self.rank_capacity if state.graph_capture else self.lora_slot_bits & state.slot_bits):
             return F.linear(x, self.weight, self.bias), None  # [T, out]
         if state.merged_slot is not None:
             return F.linear(x, self._merged_weight(state.merged_slot), self.bias), None
         output = F.linear(x, self.weight, self.bias)  # [T, out]
-        if self._uses_block_tables(x):
-            # Two Triton launches for all segments and slices; one when the consumer expands, none
-            # when the producer of x also shrank it.
-            if shrunk is None:
-                shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
+        width = self.slice_widths[0]
+        if (
+            state.block_table is not None
+            and self.uniform_slices
+            and (not x.is_cuda or sgmv_supported(x, width, self.rank_capacity))
+        ):
+            # Two Triton launches for all segments and slices; one when the consumer expands.
+            shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
             if defer and state.token_slots is not None and len(self.slice_widths) == 1:
                 return output, LoraDelta(shrunk, self.lora_b_cat, state.token_slots)
-            lora_expand(shrunk, output, self.lora_b_cat, self.rank_capacity, self.slice_widths[0], state.block_table)
+            lora_expand(shrunk, output, self.lora_b_cat, self.rank_capacity, width, state.block_table)
             return output, None
         segments = [segment for segment in state.segments if self.slot_has_lora[segment.slot]]
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
@@ -276,7 +246,6 @@ class LoraLayers:
         self.use_block_tables = on_gpu  # shrink/expand over a block table (kernels; references on the CPU)
         self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
-        self.fold_shrinks = on_gpu  # with defer_expand: LayerNorm / GELU kernels shrink for the next linear
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
@@ -317,7 +286,6 @@ class LoraLayers:
         state = self.batch_state
         state.segments = segments
         state.block_table = state.token_slots = state.merged_slot = None
-        state.fold_shrinks = False
         used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
         state.slot_bits = sum(1 << slot for slot in used)
         if not used - {0}:
@@ -326,7 +294,6 @@ class LoraLayers:
             state.merged_slot = next(iter(used))
         elif self.use_block_tables:
             state.block_table, state.token_slots = build_lora_batch_tables(segments, self.device, self.defer_expand)
-            state.fold_shrinks = self.fold_shrinks and self.defer_expand
 
     def deactivate(self) -> None:
         self.activate(())
@@ -365,13 +332,11 @@ class LoraLayers:
         state = self.batch_state
         state.segments, state.slot_bits, state.graph_capture = (), 0, True
         state.block_table = state.token_slots = state.merged_slot = None
-        state.fold_shrinks = False
         if plan == "merged":
             state.merged_slot = merged_slot
         else:
             state.block_table = block_table
             state.token_slots = token_slots if self.defer_expand else None
-            state.fold_shrinks = self.fold_shrinks and self.defer_expand
 
 
 @torch.no_grad()
