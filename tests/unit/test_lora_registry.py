@@ -422,3 +422,38 @@ def test_a_failed_load_evicts_nothing(rejections, tenants):
     assert engine.adapters.resident_adapters() == ["good"]
     metrics = engine.adapters.snapshot()
     assert (metrics.loads, metrics.evictions, metrics.load_failures) == (1, 0, 1)
+
+
+def test_one_pass_signature_equals_the_reference(tmp_path):
+    """The locator's per-batch check (one lstat per path, resolving only links) gives the signature
+    `file_signature` gives, for plain folders, folders and files linked inside the root, missing
+    files and dangling links; a linked file's signature follows its target, so replacing the
+    target is seen as a change."""
+    from loraembed.lora.peft_format import ADAPTER_CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE
+    from loraembed.lora.registry import AdapterLocator, file_signature
+
+    root = tmp_path / "root"
+    plain = root / "plain"
+    plain.mkdir(parents=True)
+    (plain / ADAPTER_CONFIG_FILE).write_text("{}")
+    (plain / SAFETENSORS_WEIGHTS_FILE).write_bytes(b"12345678")
+    (root / "linked-folder").symlink_to(plain, target_is_directory=True)
+    files = root / "linked-files"
+    files.mkdir()
+    (files / ADAPTER_CONFIG_FILE).symlink_to(plain / ADAPTER_CONFIG_FILE)
+    (files / SAFETENSORS_WEIGHTS_FILE).symlink_to(root / "store" / "missing.safetensors")  # dangling, inside
+    locator = AdapterLocator(str(root), allow_hub_adapters=False)
+    for adapter_id in ("plain", "linked-folder", "linked-files"):
+        folder, signature = locator.folder_and_signature(locator.parse(adapter_id))
+        assert folder == (root / adapter_id).resolve()
+        assert signature == file_signature(folder), adapter_id
+    before = locator.folder_and_signature(locator.parse("linked-files"))[1]
+    (root / "store").mkdir()
+    (root / "store" / "missing.safetensors").write_bytes(b"now here")
+    after = locator.folder_and_signature(locator.parse("linked-files"))[1]
+    assert after != before and after == file_signature(files)
+    with pytest.raises(AdapterError, match="^adapter 'absent' not found: adapter_root has no folder of that name$"):
+        locator.folder_and_signature(locator.parse("absent"))
+    (root / "a-file").write_text("not a folder")
+    with pytest.raises(AdapterError, match="^adapter 'a-file' not found"):
+        locator.folder_and_signature(locator.parse("a-file"))

@@ -17,7 +17,9 @@ named that adapter, and is not retried until its files change.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -107,35 +109,64 @@ class AdapterLocator:
 
     def folder(self, name: AdapterName) -> Path:
         """The adapter's folder; AdapterError if it is missing, unreachable or outside adapter_root."""
-        return self._download(name) if name.is_hub else self._local_folder(name.adapter_id)
+        return self.folder_and_signature(name)[0]
+
+    def folder_and_signature(self, name: AdapterName) -> tuple[Path, tuple | None]:
+        """The adapter's folder and, for a local one, its files' signature (`file_signature`'s
+        value) from the same system calls; AdapterError as `folder`."""
+        if name.is_hub:
+            return self._download(name), None
+        return self._local_folder(name.adapter_id)
 
     def _inside_root(self, path: Path) -> bool:
         return path.resolve().is_relative_to(self.root)
 
-    def _local_folder(self, adapter_id: str) -> Path:
+    def _local_folder(self, adapter_id: str) -> tuple[Path, tuple]:
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} is not available: no adapter_root is configured")
         try:
             return self._resolve_local_folder(adapter_id)
+        except FileNotFoundError:
+            raise AdapterError(f"adapter {adapter_id!r} not found: adapter_root has no folder of that name") from None
         except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13) or an unreadable path
             raise AdapterError(
                 f"adapter {adapter_id!r} cannot be resolved (a symlink loop or an unreadable path); it is not served"
             ) from None
 
-    def _resolve_local_folder(self, adapter_id: str) -> Path:
+    def _resolve_local_folder(self, adapter_id: str) -> tuple[Path, tuple]:
+        """Runs at every batch for every adapter it names, so with few system calls: the id is one
+        name under the resolved root, so the folder and each file need resolving only where they
+        are symlinks (one lstat each otherwise, whose result is also the signature's)."""
         candidate = self.root / adapter_id
-        if not self._inside_root(candidate) or candidate.resolve() == self.root:
-            raise AdapterError(f"adapter {adapter_id!r} resolves outside adapter_root; it is not served")
-        folder = candidate.resolve()
-        if not folder.is_dir():
+        info = os.lstat(candidate)
+        folder = candidate
+        if stat.S_ISLNK(info.st_mode):
+            folder = candidate.resolve()
+            if not folder.is_relative_to(self.root) or folder == self.root:
+                raise AdapterError(f"adapter {adapter_id!r} resolves outside adapter_root; it is not served")
+            info = os.stat(folder)
+        if not stat.S_ISDIR(info.st_mode):
             raise AdapterError(f"adapter {adapter_id!r} not found: adapter_root has no folder of that name")
+        entries: list[tuple] = [(str(folder),)]
         for file_name in ADAPTER_FILES:
             path = folder / file_name
-            if (path.exists() or path.is_symlink()) and not self._inside_root(path):
-                raise AdapterError(
-                    f"adapter {adapter_id!r}: {file_name} resolves outside adapter_root; it is not served"
-                )
-        return folder
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                entries.append((file_name, None))
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                if not self._inside_root(path):
+                    raise AdapterError(
+                        f"adapter {adapter_id!r}: {file_name} resolves outside adapter_root; it is not served"
+                    )
+                try:
+                    info = os.stat(path)
+                except OSError:  # a dangling link inside the root: as a missing file
+                    entries.append((file_name, None))
+                    continue
+            entries.append((file_name, info.st_ino, info.st_mtime_ns, info.st_size))
+        return folder, tuple(entries)
 
     def _download(self, name: AdapterName) -> Path:
         from huggingface_hub import snapshot_download
@@ -154,15 +185,16 @@ class AdapterLocator:
 
 
 def file_signature(folder: Path) -> tuple:
-    """What changes when an adapter folder's files are replaced: path, inode, mtime and size."""
+    """What changes when an adapter folder's files are replaced: path, inode, mtime and size (the
+    reference `AdapterLocator.folder_and_signature` is tested against)."""
     entries: list[tuple] = [(str(folder),)]
     for file_name in ADAPTER_FILES:
         try:
-            stat = (folder / file_name).stat()
+            info = (folder / file_name).stat()
         except OSError:
             entries.append((file_name, None))
             continue
-        entries.append((file_name, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        entries.append((file_name, info.st_ino, info.st_mtime_ns, info.st_size))
     return tuple(entries)
 
 
@@ -253,12 +285,11 @@ class AdapterRegistry:
         if resident is not None and name.is_hub:
             return self._use(resident)
         try:
-            folder = self.locator.folder(name)
+            folder, signature = self.locator.folder_and_signature(name)
         except AdapterError:
             if resident is not None:  # its folder is gone or now points elsewhere: stop serving it
                 self._unload(resident)
             raise
-        signature = None if name.is_hub else file_signature(folder)
         if resident is not None:
             if resident.signature == signature:
                 return self._use(resident)
