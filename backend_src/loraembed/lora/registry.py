@@ -103,25 +103,27 @@ class AdapterLocator:
             if not root.is_dir():
                 raise ConfigurationError(f"adapter_root {adapter_root!r} is not a folder")
             self.root = root.resolve()
+            self._root_text = str(self.root)
 
     def parse(self, adapter_id: str) -> AdapterName:
         return parse_adapter_id(adapter_id, self.allow_hub_adapters)
 
     def folder(self, name: AdapterName) -> Path:
         """The adapter's folder; AdapterError if it is missing, unreachable or outside adapter_root."""
-        return self.folder_and_signature(name)[0]
+        return Path(self.folder_and_signature(name)[0])
 
-    def folder_and_signature(self, name: AdapterName) -> tuple[Path, tuple | None]:
-        """The adapter's folder and, for a local one, its files' signature (`file_signature`'s
-        value) from the same system calls; AdapterError as `folder`."""
+    def folder_and_signature(self, name: AdapterName) -> tuple[str, tuple | None]:
+        """The adapter's folder (a string: this runs at every batch, and a Path costs ~10 µs) and,
+        for a local one, its files' signature (`file_signature`'s value) from the same system
+        calls; AdapterError as `folder`."""
         if name.is_hub:
-            return self._download(name), None
+            return str(self._download(name)), None
         return self._local_folder(name.adapter_id)
 
     def _inside_root(self, path: Path) -> bool:
         return path.resolve().is_relative_to(self.root)
 
-    def _local_folder(self, adapter_id: str) -> tuple[Path, tuple]:
+    def _local_folder(self, adapter_id: str) -> tuple[str, tuple]:
         if self.root is None:
             raise AdapterError(f"adapter {adapter_id!r} is not available: no adapter_root is configured")
         try:
@@ -133,30 +135,31 @@ class AdapterLocator:
                 f"adapter {adapter_id!r} cannot be resolved (a symlink loop or an unreadable path); it is not served"
             ) from None
 
-    def _resolve_local_folder(self, adapter_id: str) -> tuple[Path, tuple]:
+    def _resolve_local_folder(self, adapter_id: str) -> tuple[str, tuple]:
         """Runs at every batch for every adapter it names, so with few system calls: the id is one
         name under the resolved root, so the folder and each file need resolving only where they
         are symlinks (one lstat each otherwise, whose result is also the signature's)."""
-        candidate = self.root / adapter_id
+        candidate = os.path.join(self._root_text, adapter_id)  # strings: pathlib costs more than the calls
         info = os.lstat(candidate)
         folder = candidate
         if stat.S_ISLNK(info.st_mode):
-            folder = candidate.resolve()
-            if not folder.is_relative_to(self.root) or folder == self.root:
+            resolved = Path(candidate).resolve()
+            if not resolved.is_relative_to(self.root) or resolved == self.root:
                 raise AdapterError(f"adapter {adapter_id!r} resolves outside adapter_root; it is not served")
+            folder = str(resolved)
             info = os.stat(folder)
         if not stat.S_ISDIR(info.st_mode):
             raise AdapterError(f"adapter {adapter_id!r} not found: adapter_root has no folder of that name")
-        entries: list[tuple] = [(str(folder),)]
+        entries: list[tuple] = [(folder,)]
         for file_name in ADAPTER_FILES:
-            path = folder / file_name
+            path = os.path.join(folder, file_name)
             try:
                 info = os.lstat(path)
             except FileNotFoundError:
                 entries.append((file_name, None))
                 continue
             if stat.S_ISLNK(info.st_mode):
-                if not self._inside_root(path):
+                if not self._inside_root(Path(path)):
                     raise AdapterError(
                         f"adapter {adapter_id!r}: {file_name} resolves outside adapter_root; it is not served"
                     )
@@ -317,12 +320,12 @@ class AdapterRegistry:
         self._resident.move_to_end(resident.adapter_id)
         return resident.slot
 
-    def _read(self, adapter_id: str, folder: Path, signature: tuple | None) -> LoraAdapter:
+    def _read(self, adapter_id: str, folder: str, signature: tuple | None) -> LoraAdapter:
         failure = self._failures.get(adapter_id)
         if failure is not None and signature is not None and failure[0] == signature:
             raise AdapterError(failure[1])  # unchanged files: the same answer without reading them
         try:
-            adapter = read_peft_adapter(folder, adapter_id, self.module_shapes, self.max_lora_rank)
+            adapter = read_peft_adapter(Path(folder), adapter_id, self.module_shapes, self.max_lora_rank)
         except Exception as error:  # any failure answers only this adapter's requests, never the batch
             if not isinstance(error, AdapterError):  # e.g. a config value of a type PEFT's rules never expect
                 error = AdapterError(
