@@ -135,3 +135,48 @@ def test_batch_tables():
     assert token_slots.data_ptr() % 16 == 0
     assert build_lora_batch_tables(segments[:2], torch.device("cpu"), with_token_slots=True) == (None, None)
     assert build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=False)[1] is None
+
+
+def test_adapter_load_fills_slots_as_module_by_module_would():
+    """`LoraLayers.load` lays an adapter's rows out on the host and copies them once; the slot
+    buffers equal those of `set_slot` module by module: mixed ranks, a fused projection with some
+    slices absent, and a slot reloaded with a smaller adapter (no stale rows left behind)."""
+    from loraembed.lora.peft_format import LoraAdapter, LoraModuleWeights
+
+    config = encoder_config(hidden=24, intermediate=40, layers=2, heads=4)
+    generator = torch.Generator().manual_seed(5)
+
+    def adapter(ranks: dict[str, int]) -> LoraAdapter:
+        layers = LoraLayers(random_encoder(config, torch.float64, "cpu", seed=1), num_slots=3)
+        modules = {}
+        for name, rank in ranks.items():
+            target = layers.targets[name]
+            modules[name] = LoraModuleWeights(
+                name, torch.randn(rank, target.in_features, generator=generator),
+                torch.randn(target.out_features, rank, generator=generator), scaling=0.5,
+            )
+        return LoraAdapter("x", modules)
+
+    wide = adapter({"encoder.layer.0.attention.self.query": 4, "encoder.layer.0.attention.self.value": 2,
+                    "encoder.layer.1.intermediate.dense": 6, "encoder.layer.1.output.dense": 3})
+    narrow = adapter({"encoder.layer.0.attention.self.key": 1})
+    loaded = LoraLayers(random_encoder(config, torch.float64, "cpu", seed=1), num_slots=3)
+    by_module = LoraLayers(random_encoder(config, torch.float64, "cpu", seed=1), num_slots=3)
+    for slot, sequence in ((1, [wide]), (2, [wide, narrow])):
+        for each in sequence:
+            loaded.load(slot, each)
+            by_module.clear(slot)
+            for name, weights in each.modules.items():
+                target = by_module.targets[name]
+                by_module.linears[target.linear_name].set_slot(slot, target.slice_index, weights.lora_a,
+                                                               weights.scaled_lora_b())
+    for name, linear in loaded.linears.items():
+        expected = by_module.linears[name]
+        assert linear.rank_capacity == expected.rank_capacity, name
+        if linear.rank_capacity:
+            assert torch.equal(linear.lora_a_cat, expected.lora_a_cat), name
+            assert torch.equal(linear.lora_b_cat, expected.lora_b_cat), name
+        assert linear.slot_ranks == expected.slot_ranks and linear.slot_has_lora == expected.slot_has_lora, name
+        assert linear.lora_slot_bits == expected.lora_slot_bits, name
+    qkv = loaded.linears["encoder.layer.0.attention.self.qkv"]
+    assert qkv.slot_ranks == [[0, 4, 0], [0, 0, 1], [0, 2, 0]]  # slot 2 holds only the narrow adapter's key
