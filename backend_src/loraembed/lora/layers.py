@@ -172,6 +172,7 @@ class SegmentedLoraLinear(nn.Linear):
         self.slot_has_lora[slot] = True
         self.lora_slot_bits |= 1 << slot
 
+    @torch.inference_mode()
     def stage_slot(self, factors: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's A [slices * R, in] and B [out, R] on the host, zero-padded, from the factors
         (slice index, A [r, in], scaling * B [width, r]) of the modules an adapter has here; grows
