@@ -207,6 +207,7 @@ say "starting tritonserver ($(grep -h '^instance_group\|max_queue_delay' "$repos
     "encoder instances per GPU ${encoder_instances:-as in the repository}, set by the entrypoint)"
 own_group=(setsid)
 command -v setsid >/dev/null || own_group=()  # then the SIGKILL below reaches only what is left of the group
+server_started=$(date +%s)
 "${own_group[@]}" env "${server_env[@]}" "$ROOT/docker/entrypoint.sh" --backend-directory="$backends" --http-address=127.0.0.1 \
     --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 --log-verbose=0 >"$raw/server.log" 2>&1 &
 server_pid=$!  # setsid: its own process group, whose id is its pid
@@ -225,7 +226,8 @@ source "$ROOT/benchmarks/wait_for_server.sh"
 wait_for_server serve_bench.sh "$stub_python" "$http" "$server_pid" "$raw/server.log" 600 1
 server_version=$("$stub_python" -c "import json, urllib.request, sys; print(json.load(urllib.request.urlopen(sys.argv[1]))['version'])" \
     "http://127.0.0.1:$http/v2")
-say "tritonserver $server_version ready"
+server_start_s=$(($(date +%s) - server_started))
+say "tritonserver $server_version ready ($server_start_s s after it was started)"
 
 # 4. In-process reference (the server is idle: it holds its memory, computes nothing).
 say "in-process EmbeddingEngine.embed on the same ids ($stub_python)"
@@ -284,7 +286,7 @@ settings+=$instances_note
 settings+="${params[*]+, ${params[*]}}"
 "$host_python" "$ROOT/benchmarks/serve_report.py" report "$raw" --out-dir "$out" ${report_dir:+--report-dir "$report_dir"} \
     --meta "card=$card" --meta "cpu=$cpu" --meta "server_version=$server_version" --meta "perf_analyzer=${pa_version:-?}" \
-    --meta "model=$model" --meta "adapters=$adapters" --meta "settings=$settings" \
+    --meta "model=$model" --meta "adapters=$adapters" --meta "settings=$settings" --meta "server_start_s=$server_start_s" \
     --meta "tokenizer=$(grep -o '"tokenizer": "[^"]*"' "$work/build.json" | cut -d'"' -f4)" \
     --meta "windows=3 x $window_ms ms per concurrency (warm-up 2 x 3 x $warmup_ms ms per scenario)" \
     >"$raw/report.md" 2>>"$out/serve_bench.log"

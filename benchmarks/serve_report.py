@@ -229,6 +229,10 @@ def markdown(rows: list[dict], extra: dict, meta: dict) -> str:
         lines.append(f"In-process engine (same device, same run, while the server was idle): `{inprocess['engine']}`.")
     if meta.get("server_engine"):
         lines.append(f"Server's encoder: `{meta['server_engine']}`.")
+    if meta.get("server_start_s") or meta.get("encoder_startup"):
+        lines.append(f"Server start: ready {meta.get('server_start_s', '?')} s after it was started; encoder "
+                     f"instances (model load, adapter registry with its preloads, whole initialize): "
+                     f"{meta.get('encoder_startup', 'not logged')}.")
     for name, values in stats.items():
         if "mean_tokens" in values:
             lines.append(f"- `{name}`: {values['texts']} texts, {values['mean_tokens']:.1f} tokens on average"
@@ -330,6 +334,9 @@ def report(args) -> None:
             meta.setdefault("server_version", version.group(1))
         if engine:
             meta.setdefault("server_engine", engine.group(1).strip())
+        startups = re.findall(r"loraembed encoder start-up of ([^\n\"]*)", text)
+        if startups:
+            meta.setdefault("encoder_startup", "; ".join(startup.strip() for startup in startups))
     rows, extra = collect(raw)
     text = markdown(rows, extra, meta)
     out = Path(args.out_dir)

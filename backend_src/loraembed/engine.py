@@ -7,6 +7,7 @@ and benchmarks call the same method in-process.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -177,10 +178,15 @@ class EmbeddingEngine:
         self._default_options = RequestOptions.from_parameters({}, self.settings.default_normalize, self.hidden_size)
         self.dtype = resolve_dtype(serving.dtype, self.device)
         self.attention_backend = select_attention_backend(serving.attention, self.device, self.dtype)
+        started = time.perf_counter()
         self.model: PackedEncoder = load_packed_encoder(
             self.settings.model_path, self.settings.encoder_config, self.dtype, self.device, self.attention_backend
         )
+        loaded = time.perf_counter()
         self.adapters = create_adapter_registry(self.model, serving) or BaseModelOnly()
+        # Seconds spent loading the checkpoint onto the device and the adapter registry (its
+        # adapter_preload included); the encoder model logs them at start.
+        self.startup_seconds = {"model": loaded - started, "adapters": time.perf_counter() - loaded}
         self.graphed = None
         if self.device.type == "cuda" and serving.cuda_graph_max_tokens:
             self.graphed = GraphedForward(

@@ -65,6 +65,14 @@ def test_writes_its_outputs_and_prints_the_report_last(bench):
     assert re.search(r"\[\d+ s\]: embed-passages c=1: Throughput: [\d.]+ infer/sec", result.stderr)  # progress with seconds
     assert "tritonserver 2.51.0, perf_analyzer 2.41.0 over gRPC" in report
     assert "Settings: tokenizer instances 1, tokenizer max_queue_delay 0 (repository) us, encoder max_queue_delay 500 us" in report
+    # How long the server took to start, and each encoder instance's share, as its start-up log line says.
+    start = re.search(r"^Server start: ready (\d+) s after it was started; encoder instances \(model load, adapter "
+                      r"registry with its preloads, whole initialize\): (.*)\.$", report, re.M)
+    assert start, report[:2000]
+    phases = re.fullmatch(r"encoder_0_0: model ([\d.]+) s, adapters ([\d.]+) s, initialize ([\d.]+) s", start.group(2))
+    assert phases, start.group(2)  # one CPU instance
+    model_s, adapters_s, initialize_s = map(float, phases.groups())
+    assert model_s + adapters_s <= initialize_s + 0.1 and initialize_s <= int(start.group(1)) + 1
     targets = report.split("## Targets (issue 5)")[1].split("##")[0]
     assert len(re.findall(r"\| (met|missed) \|$", targets, re.M)) == 4  # every target measured
     for name in SCENARIOS:

@@ -45,6 +45,7 @@ def _read_request(request) -> EncoderRequest:
 
 class TritonPythonModel:
     def initialize(self, args):
+        started = time.perf_counter()
         model_config = json.loads(args["model_config"])
         serving = ServingConfig.from_parameters(parameters_from_model_config(model_config))
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"], serving.cpu_threads)
@@ -62,6 +63,11 @@ class TritonPythonModel:
         self._publisher = threading.Thread(target=self._publish_metrics, name="loraembed-metrics", daemon=True)
         self._publisher.start()
         pb_utils.Logger.log_info(f"loraembed encoder ready: {self.engine.describe()}")
+        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.engine.startup_seconds.items())
+        pb_utils.Logger.log_info(
+            f"loraembed encoder start-up of {args['model_instance_name']}: {phases}, "
+            f"initialize {time.perf_counter() - started:.1f} s"
+        )
 
     def execute(self, requests):
         responses = [None] * len(requests)
