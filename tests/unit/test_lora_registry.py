@@ -457,3 +457,13 @@ def test_one_pass_signature_equals_the_reference(tmp_path):
     (root / "a-file").write_text("not a folder")
     with pytest.raises(AdapterError, match="^adapter 'a-file' not found"):
         locator.folder_and_signature(locator.parse("a-file"))
+    (root / "through-a-file").symlink_to(root / "a-file" / "x")  # ENOTDIR, as the old check: not found
+    with pytest.raises(AdapterError, match="^adapter 'through-a-file' not found"):
+        locator.folder_and_signature(locator.parse("through-a-file"))
+    # Ids are validated names, but the check does not rely on it: a path-like name never leaves the root.
+    from loraembed.lora.registry import AdapterName
+
+    (tmp_path / "outside").mkdir()
+    for adapter_id in ("../outside", str(tmp_path / "outside"), "..", "."):
+        with pytest.raises(AdapterError, match="resolves outside adapter_root"):
+            locator.folder_and_signature(AdapterName(adapter_id))

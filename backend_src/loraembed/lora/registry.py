@@ -128,7 +128,7 @@ class AdapterLocator:
             raise AdapterError(f"adapter {adapter_id!r} is not available: no adapter_root is configured")
         try:
             return self._resolve_local_folder(adapter_id)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no such folder, or a link to a path through a file
             raise AdapterError(f"adapter {adapter_id!r} not found: adapter_root has no folder of that name") from None
         except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13) or an unreadable path
             raise AdapterError(
@@ -139,6 +139,8 @@ class AdapterLocator:
         """Runs at every batch for every adapter it names, so with few system calls: the id is one
         name under the resolved root, so the folder and each file need resolving only where they
         are symlinks (one lstat each otherwise, whose result is also the signature's)."""
+        if os.sep in adapter_id or adapter_id in (".", ".."):  # parse_adapter_id allows none; kept as a second lock
+            raise AdapterError(f"adapter {adapter_id!r} resolves outside adapter_root; it is not served")
         candidate = os.path.join(self._root_text, adapter_id)  # strings: pathlib costs more than the calls
         info = os.lstat(candidate)
         folder = candidate
@@ -165,8 +167,8 @@ class AdapterLocator:
                     )
                 try:
                     info = os.stat(path)
-                except OSError:  # a dangling link inside the root: as a missing file
-                    entries.append((file_name, None))
+                except (FileNotFoundError, NotADirectoryError):  # a dangling link inside the root: as a missing
+                    entries.append((file_name, None))  # file (any other error: refused, as it cannot be followed)
                     continue
             entries.append((file_name, info.st_ino, info.st_mtime_ns, info.st_size))
         return folder, tuple(entries)
