@@ -168,35 +168,41 @@ class SegmentedLoraLinear(nn.Linear):
         b_stack[slot].zero_()
         a_stack[slot, :rank] = lora_a.to(a_stack.device, a_stack.dtype)
         b_stack[slot, :, :rank] = scaled_lora_b.to(b_stack.device, b_stack.dtype)
-        self.slot_ranks[slice_index][slot] = rank
-        self.slot_has_lora[slot] = True
-        self.lora_slot_bits |= 1 << slot
+        self._record_slot(slot, {slice_index: rank})
 
-    @torch.inference_mode()
-    def stage_slot(self, factors: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One slot's A [slices * R, in] and B [out, R] on the host, zero-padded, from the factors
-        (slice index, A [r, in], scaling * B [width, r]) of the modules an adapter has here; grows
-        the buffers to the largest r first (so R is the capacity `write_slot` will find)."""
-        self._ensure_rank_capacity(max(lora_a.shape[0] for _, lora_a, _ in factors))
-        capacity, dtype = self.rank_capacity, self.weight.dtype
-        lora_a_rows = torch.zeros(len(self.slice_widths) * capacity, self.in_features, dtype=dtype)
-        lora_b_rows = torch.zeros(self.out_features, capacity, dtype=dtype)
-        for slice_index, lora_a, scaled_lora_b in factors:
-            rank, row = lora_a.shape[0], sum(self.slice_widths[:slice_index])
-            lora_a_rows[slice_index * capacity : slice_index * capacity + rank] = lora_a
-            lora_b_rows[row : row + self.slice_widths[slice_index], :rank] = scaled_lora_b
-        return lora_a_rows, lora_b_rows
-
-    @torch.inference_mode()
-    def write_slot(self, slot: int, lora_a_rows: torch.Tensor, lora_b_rows: torch.Tensor, ranks: dict[int, int]) -> None:
-        """Put `stage_slot`'s rows (on any device) into `slot`: two copies for all slices.
-        `ranks`: slice index -> rank, for the slices the adapter has here."""
-        self.lora_a_cat[slot].copy_(lora_a_rows)
-        self.lora_b_cat[slot].copy_(lora_b_rows)
+    def _record_slot(self, slot: int, ranks: dict[int, int]) -> None:
+        """The host's account of a slot that now holds LoRA: the rank of each slice in `ranks`."""
         for slice_index, rank in ranks.items():
             self.slot_ranks[slice_index][slot] = rank
         self.slot_has_lora[slot] = True
         self.lora_slot_bits |= 1 << slot
+
+    @torch.inference_mode()
+    def stage_slot(
+        self, factors: list[tuple[int, torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """One slot's A [slices * R, in] and B [out, R] on the host, zero-padded, from the factors
+        (slice index, A [r, in], scaling * B [width, r]) of the modules an adapter has here, and
+        each slice's rank (0 where the adapter has none); grows the buffers to the largest r first
+        (so R is the capacity `write_slot` will find)."""
+        self._ensure_rank_capacity(max(lora_a.shape[0] for _, lora_a, _ in factors))
+        capacity, dtype = self.rank_capacity, self.weight.dtype
+        lora_a_rows = torch.zeros(len(self.slice_widths) * capacity, self.in_features, dtype=dtype)
+        lora_b_rows = torch.zeros(self.out_features, capacity, dtype=dtype)
+        ranks = dict.fromkeys(range(len(self.slice_widths)), 0)
+        for slice_index, lora_a, scaled_lora_b in factors:
+            rank, row = lora_a.shape[0], sum(self.slice_widths[:slice_index])
+            lora_a_rows[slice_index * capacity : slice_index * capacity + rank] = lora_a
+            lora_b_rows[row : row + self.slice_widths[slice_index], :rank] = scaled_lora_b
+            ranks[slice_index] = rank
+        return lora_a_rows, lora_b_rows, ranks
+
+    @torch.inference_mode()
+    def write_slot(self, slot: int, lora_a_rows: torch.Tensor, lora_b_rows: torch.Tensor, ranks: dict[int, int]) -> None:
+        """Replace `slot` with `stage_slot`'s rows (on any device) and ranks: two copies for all slices."""
+        self.lora_a_cat[slot].copy_(lora_a_rows)
+        self.lora_b_cat[slot].copy_(lora_b_rows)
+        self._record_slot(slot, ranks)
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
@@ -301,25 +307,27 @@ class LoraLayers:
         GPU, which other encoder instances on the same GPU share; 64 adapters made ~9,000 of them.)"""
         if not 0 < slot < self.num_slots:
             raise ValueError(f"slot {slot} is not an adapter slot (1..{self.num_slots - 1})")
-        self.clear(slot)
         factors: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for name, weights in adapter.modules.items():
             target = self.targets[name]
             factors.setdefault(target.linear_name, []).append(
                 (target.slice_index, weights.lora_a, weights.scaled_lora_b())
             )
+        for name, linear in self.linears.items():  # the linears written below replace the whole slot
+            if name not in factors and linear.slot_has_lora[slot]:
+                linear.clear_slot(slot)
         staged = [(self.linears[name], *self.linears[name].stage_slot(parts)) for name, parts in factors.items()]
         if not staged:
             return
-        flat = torch.cat([rows.reshape(-1) for _, a_rows, b_rows in staged for rows in (a_rows, b_rows)])
+        flat = torch.cat([rows.reshape(-1) for _, a_rows, b_rows, _ in staged for rows in (a_rows, b_rows)])
         flat = flat.to(self.device)  # the one host-to-device copy
         offset = 0
-        for (linear, a_rows, b_rows), parts in zip(staged, factors.values()):
+        for linear, a_rows, b_rows, ranks in staged:
             a_part = flat[offset : offset + a_rows.numel()].view(a_rows.shape)
             offset += a_rows.numel()
             b_part = flat[offset : offset + b_rows.numel()].view(b_rows.shape)
             offset += b_rows.numel()
-            linear.write_slot(slot, a_part, b_part, {index: lora_a.shape[0] for index, lora_a, _ in parts})
+            linear.write_slot(slot, a_part, b_part, ranks)
 
     def clear(self, slot: int) -> None:
         for linear in self.linears.values():
