@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
@@ -43,32 +42,6 @@ def segments_of(tokens: int, adapters: int) -> tuple[AdapterSegment, ...]:
 
 def microseconds(function) -> float:
     return triton.testing.do_bench(function, warmup=25, rep=200, return_mode="median") * 1e3
-
-
-@triton.jit
-def _bias_delta_blocks_kernel(
-    shrunk_ptr, b_ptr, bias_ptr, out_ptr, table_ptr, out_features, rank, slice_width,
-    stride_shrunk, stride_b_slot, stride_b_row, stride_out,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # sgmv_triton._sgmv_expand_kernel that writes bias + delta instead of adding the delta to out.
-    block = tl.program_id(0)
-    token_start = tl.load(table_ptr + 3 * block)
-    token_end = tl.load(table_ptr + 3 * block + 1)
-    slot = tl.load(table_ptr + 3 * block + 2).to(tl.int64)
-    tokens = token_start + tl.arange(0, BLOCK_T)
-    columns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slice_index = (tl.program_id(1) * BLOCK_N) // slice_width
-    ranks = tl.arange(0, BLOCK_R)
-    token_mask = tokens < token_end
-    rank_mask = ranks < rank
-    shrunk = tl.load(shrunk_ptr + tokens.to(tl.int64)[:, None] * stride_shrunk + slice_index * rank + ranks[None, :],
-                     mask=token_mask[:, None] & rank_mask[None, :], other=0.0)
-    b_tile = tl.load(b_ptr + slot * stride_b_slot + columns[None, :] * stride_b_row + ranks[:, None],
-                     mask=rank_mask[:, None], other=0.0)
-    delta = tl.dot(shrunk.to(b_tile.dtype), b_tile) + tl.load(bias_ptr + columns).to(tl.float32)[None, :]
-    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_out + columns[None, :],
-             delta.to(out_ptr.dtype.element_ty), mask=token_mask[:, None])
 
 
 def sweep(rows: list, kernel: str, settings: list[tuple], launch, describe) -> None:
@@ -185,34 +158,8 @@ def main() -> None:
         rows.append(("qkv gemm + lora", "current: GEMM, then expand", microseconds(expand_after)))
         rows.append(("qkv gemm + lora", "bias + delta written, then GEMM with beta 1", microseconds(
             lambda: fused_ops.bias_plus_lora_delta(bias, delta, HIDDEN).addmm_(x, weight.T))))
-        written = torch.empty_like(qkv_out)
-
-        def bias_plus_delta(block_t, block_n, warps, stages):
-            fused_ops._add_lora_activation_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(3 * HIDDEN, block_n))](
-                bias, shrunk_qkv, b_qkv, token_slots, written, tokens, 3 * HIDDEN, rank, HIDDEN,
-                0, shrunk_qkv.stride(0), b_qkv.stride(0), b_qkv.stride(1), written.stride(0),
-                ACTIVATION=0, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=fused_ops.LORA_RANK_CHUNK,
-                num_warps=warps, num_stages=stages,
-            )
-        launch = fused_ops.LORA_ACTIVATION_LAUNCH
-        sweep(rows, "bias + delta written", [
-            (launch["BLOCK_T"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"]),
-            *itertools.product((32, 64, 128), (128, 256), (4, 8), (1, 2))],
-            bias_plus_delta, lambda t, n, w, s: f"BLOCK_T={t} BLOCK_N={n} warps={w} stages={s}")
-        # The same write over the block table (one slot per block, as the expand; base rows would
-        # need blocks of their own): how much of the time is finding each tile's slots.
-        def blocks_variant(block_n, warps, stages):
-            _bias_delta_blocks_kernel[(blocks, 3 * HIDDEN // block_n)](
-                shrunk_qkv, b_qkv, bias, written, table, 3 * HIDDEN, rank, HIDDEN,
-                shrunk_qkv.stride(0), b_qkv.stride(0), b_qkv.stride(1), written.stride(0),
-                BLOCK_T=BLOCK_T, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                num_warps=warps, num_stages=stages,
-            )
-        for setting in itertools.product((128, 256), (4, 8), (1, 2)):
-            rows.append(("bias + delta written", "over the block table, BLOCK_N={} warps={} stages={}".format(*setting),
-                         microseconds(lambda setting=setting: blocks_variant(*setting))))
-        rows.append(("bias + delta written", "write of a [T, 2304] tensor (bound)",
-                     microseconds(lambda: written.fill_(1.0))))
+        rows.append(("qkv gemm + lora", "bias + delta written alone",
+                     microseconds(lambda: fused_ops.bias_plus_lora_delta(bias, delta, HIDDEN))))
 
     # GELU + LoRA over the intermediate output, in place as the layer runs it.
     launch = fused_ops.LORA_ACTIVATION_LAUNCH
