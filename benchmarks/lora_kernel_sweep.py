@@ -1,5 +1,5 @@
 """Launch settings of the LoRA kernels, swept on one GPU: the shrink and the Q/K/V expand
-(`lora/sgmv_triton.py`), the Q/K/V GEMM with its expand after it or its bias + delta before it, and the two consumer kernels that add the deferred expand (`fused_ops.py`:
+(`lora/sgmv_triton.py`) and the two consumer kernels that add the deferred expand (`fused_ops.py`:
 GELU + LoRA on [T, 3072], residual + LayerNorm + LoRA on [T, 768]), over one packed batch of
 16,384 tokens cut into 64 rank-16 adapter segments (the engine's layout: rows grouped by slot);
 and the merge W + B A of one-adapter batches (`sgmv_triton.lora_merge`) over the four weight shapes
@@ -8,7 +8,7 @@ in the same run, and so are the plain kernels without LoRA (cuBLAS-free: F.gelu 
 LayerNorm kernel; for the merge, a copy of W), which bound what a fused kernel can reach.
 
     python benchmarks/lora_kernel_sweep.py [--tokens 16384] [--adapters 64] [--rank 16]
-        [--kernels shrink,expand,qkv,gelu,layernorm,merge] [--out FILE.md]
+        [--kernels shrink,expand,gelu,layernorm,merge] [--out FILE.md]
 
 Prints a table (card, date; microseconds per call, median of triton.testing.do_bench) last.
 """
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--kernels", default="shrink,expand,qkv,gelu,layernorm,merge")
+    parser.add_argument("--kernels", default="shrink,expand,gelu,layernorm,merge")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     kernels = set(args.kernels.split(","))
@@ -142,31 +142,12 @@ def main() -> None:
         sweep(rows, "expand qkv", [(128, 4, 3), *itertools.product((64, 128, 256), (4, 8), (1, 2, 3))], expand,
               lambda n, w, s: f"BLOCK_N={n} warps={w} stages={s}")
 
-    # The Q/K/V GEMM with its LoRA delta: expand after the GEMM (read-modify-write), against bias +
-    # delta written first and the GEMM accumulated into them (LoraBatchState.delta_before_gemm).
-    if "qkv" in kernels:
-        weight = torch.randn(3 * HIDDEN, HIDDEN, device=device, dtype=dtype) * 0.02
-        bias = torch.randn(3 * HIDDEN, device=device, dtype=dtype)
-        delta = fused_ops.LoraDelta(shrunk_qkv, b_qkv, token_slots)
-
-        def expand_after():
-            output = torch.nn.functional.linear(x, weight, bias)
-            sgmv_triton.sgmv_expand(shrunk_qkv, output, b_qkv, rank, HIDDEN, table)
-
-        rows.append(("qkv gemm + lora", "GEMM with bias, no LoRA (bound)",
-                     microseconds(lambda: torch.nn.functional.linear(x, weight, bias))))
-        rows.append(("qkv gemm + lora", "current: GEMM, then expand", microseconds(expand_after)))
-        rows.append(("qkv gemm + lora", "bias + delta written, then GEMM with beta 1", microseconds(
-            lambda: fused_ops.bias_plus_lora_delta(bias, delta, HIDDEN).addmm_(x, weight.T))))
-        rows.append(("qkv gemm + lora", "bias + delta written alone",
-                     microseconds(lambda: fused_ops.bias_plus_lora_delta(bias, delta, HIDDEN))))
-
     # GELU + LoRA over the intermediate output, in place as the layer runs it.
     launch = fused_ops.LORA_ACTIVATION_LAUNCH
     current_activation = (launch["BLOCK_T"], launch["BLOCK_N"], fused_ops.LORA_RANK_CHUNK, launch["num_warps"], launch["num_stages"])
     def gelu(block_t, block_n, block_r, warps, stages):
         fused_ops._add_lora_activation_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(INTERMEDIATE, block_n))](
-            wide, shrunk, b_wide, token_slots, wide, tokens, INTERMEDIATE, rank, INTERMEDIATE,
+            wide, shrunk, b_wide, token_slots, wide, tokens, INTERMEDIATE, rank,
             wide.stride(0), shrunk.stride(0), b_wide.stride(0), b_wide.stride(1), wide.stride(0),
             ACTIVATION=1, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
         )
