@@ -155,15 +155,12 @@ if triton is not None:
     # n_rows changes with every batch: no specialization on it (one compiled variant, not three).
     @triton.jit(do_not_specialize=["n_rows"])
     def _add_lora_activation_kernel(
-        x_ptr, shrunk_ptr, b_ptr, slots_ptr, out_ptr, n_rows, n_cols, rank, slice_width,
+        x_ptr, shrunk_ptr, b_ptr, slots_ptr, out_ptr, n_rows, n_cols, rank,
         stride_x, stride_shrunk, stride_b_slot, stride_b_row, stride_out,
         ACTIVATION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        # stride_x 0: x is one row (a bias) broadcast over the rows. Output slices of slice_width
-        # columns (a multiple of BLOCK_N) take their own `rank` columns of shrunk, slice i the i-th.
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        shrunk_ptr += ((tl.program_id(1) * BLOCK_N) // slice_width) * rank
         row_mask = rows < n_rows
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
@@ -229,45 +226,11 @@ def add_lora_activation(x: torch.Tensor, lora: LoraDelta, activation: str) -> to
     launch = LORA_ACTIVATION_LAUNCH
     grid = (triton.cdiv(n_rows, launch["BLOCK_T"]), triton.cdiv(n_cols, launch["BLOCK_N"]))
     _add_lora_activation_kernel[grid](
-        x, lora.shrunk, lora.lora_b, lora.token_slots, x, n_rows, n_cols, lora.rank, n_cols,
+        x, lora.shrunk, lora.lora_b, lora.token_slots, x, n_rows, n_cols, lora.rank,
         x.stride(0), lora.shrunk.stride(0), lora.lora_b.stride(0), lora.lora_b.stride(1), x.stride(0),
         ACTIVATION=_ACTIVATION_CODES[activation], BLOCK_R=LORA_RANK_CHUNK, **launch,
     )
     return x
-
-
-def bias_plus_lora_delta_reference(bias: torch.Tensor, lora: LoraDelta, slice_width: int) -> torch.Tensor:
-    """bias + delta [T, out] in bias's dtype; output slice i (columns i*slice_width..) takes the
-    delta of shrunk's columns i*rank.. (a fused projection's slices, as the shrink lays them out)."""
-    total, out_features, rank = lora.shrunk.shape[0], lora.lora_b.shape[1], lora.rank
-    out = torch.empty(total, out_features, dtype=lora.shrunk.dtype, device=lora.shrunk.device)
-    for index, start in enumerate(range(0, out_features, slice_width)):
-        columns = slice(start, start + slice_width)
-        part = LoraDelta(lora.shrunk[:, index * rank : (index + 1) * rank], lora.lora_b[:, columns], lora.token_slots)
-        out[:, columns] = lora_delta_reference(part) + bias[columns].to(out.dtype)
-    return out.to(bias.dtype)
-
-
-def bias_plus_lora_delta(bias: torch.Tensor, lora: LoraDelta, slice_width: int) -> torch.Tensor:
-    """A new [T, out] tensor holding bias + LoRA delta in every row (the bias alone in base rows),
-    for a GEMM to accumulate into (`out.addmm_(x, W.T)`: cuBLAS reads it in its epilogue), which
-    replaces the expand's read-modify-write of the GEMM's output with one write. Output slices of
-    `slice_width` columns take their own `lora.rank` columns of shrunk, as `sgmv_expand`. One pass on
-    CUDA where BLOCK_N divides the slice width; the reference elsewhere."""
-    launch = LORA_ACTIVATION_LAUNCH
-    if not (_lora_kernel_supported(bias, lora) and bias.is_contiguous() and slice_width % launch["BLOCK_N"] == 0):
-        return bias_plus_lora_delta_reference(bias, lora, slice_width)
-    n_rows, n_cols = lora.shrunk.shape[0], lora.lora_b.shape[1]
-    out = torch.empty(n_rows, n_cols, dtype=bias.dtype, device=bias.device)
-    if n_rows == 0:
-        return out
-    grid = (triton.cdiv(n_rows, launch["BLOCK_T"]), triton.cdiv(n_cols, launch["BLOCK_N"]))
-    _add_lora_activation_kernel[grid](
-        bias, lora.shrunk, lora.lora_b, lora.token_slots, out, n_rows, n_cols, lora.rank, slice_width,
-        0, lora.shrunk.stride(0), lora.lora_b.stride(0), lora.lora_b.stride(1), out.stride(0),
-        ACTIVATION=_ACTIVATION_CODES["identity"], BLOCK_R=LORA_RANK_CHUNK, **launch,
-    )
-    return out
 
 
 def add_layer_norm(

@@ -1,8 +1,7 @@
-"""The LoRA expand fused into its consumer (`fused_ops.add_lora_activation`, `add_layer_norm(lora=)`),
-the Q/K/V bias + delta written before its GEMM (`bias_plus_lora_delta`) and the single-adapter
-merge, on the GPU, against the float64 references: random shapes, ranks 8/16/64 mixed with
-zero-rank slots, segment layouts with base-only and empty segments, token counts that are not
-multiples of the block size. Base rows are never read from the shrunk rows (NaN there)."""
+"""The LoRA expand fused into its consumer (`fused_ops.add_lora_activation`, `add_layer_norm(lora=)`)
+and the single-adapter merge, on the GPU, against the float64 references: random shapes, ranks
+8/16/64 mixed with zero-rank slots, segment layouts with base-only and empty segments, token counts
+that are not multiples of the block size. Base rows are never read from the shrunk rows (NaN there)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from loraembed.fused_ops import (
     LoraDelta,
     add_layer_norm,
     add_lora_activation,
-    bias_plus_lora_delta,
 )
 from loraembed.lora.layers import LoraLayers
 from loraembed.lora.segmented import apply_segmented_lora
@@ -164,46 +162,6 @@ def test_add_layer_norm_with_lora_matches_reference(tokens, hidden, dtype):
         torch.testing.assert_close(got[base], plain, rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
 
 
-BIAS_FIRST_CASES = [  # tokens, in, slice width (q | k | v of XLM-R base and MiniLM; 100: the reference)
-    (1, 768, 768), (63, 768, 768), (4097, 768, 768), (333, 384, 384), (130, 100, 100),
-]
-
-
-@pytest.mark.parametrize("tokens, in_features, width", BIAS_FIRST_CASES)
-def test_bias_plus_lora_delta_matches_reference(tokens, in_features, width):
-    """Three output slices, each with its own rank columns of the shrunk rows (as the fused Q/K/V's
-    shrink writes them); base rows get the bias bit for bit; then the GEMM accumulated into it."""
-    dtype = MODEL_DTYPE
-    for layout, segments in layouts(tokens, 6, tokens + width).items():
-        torch.manual_seed(tokens)
-        x = torch.randn(tokens, in_features, device=DEVICE, dtype=dtype)
-        stacks = [lora_stacks(in_features, width, 6, dtype, seed=tokens + index) for index in range(3)]
-        lora_a = torch.cat([a for a, _ in stacks], dim=1)  # [slots, 3R, in]
-        lora_b = torch.cat([b for _, b in stacks], dim=1)  # [slots, 3 width, R]
-        bias = torch.randn(3 * width, device=DEVICE, dtype=dtype)
-        table, token_slots = build_lora_batch_tables(segments, torch.device(DEVICE), with_token_slots=True)
-        expected = bias.double().expand(tokens, -1).clone()
-        if table is None:
-            shrunk = torch.full((tokens, lora_a.shape[1]), float("nan"), device=DEVICE)
-            token_slots = torch.zeros(tokens, device=DEVICE, dtype=torch.int32)
-        else:
-            shrunk = sgmv_shrink(x, lora_a, table)  # [T, 3R] float32
-            shrunk[token_slots == 0] = float("nan")
-            for index, (a, b) in enumerate(stacks):
-                apply_segmented_lora(x.double(), expected[:, index * width : (index + 1) * width],
-                                     [a.double().nan_to_num()], [b.double().nan_to_num()], segments)
-        got = bias_plus_lora_delta(bias, LoraDelta(shrunk, lora_b, token_slots), width)
-        assert got.shape == (tokens, 3 * width) and got.dtype == dtype
-        assert not got.isnan().any(), layout
-        assert relative_error(got, expected) < 1e-2, (layout, relative_error(got, expected))
-        base = base_rows(segments, tokens)
-        assert torch.equal(got[base], bias.expand(int(base.sum()), -1)), layout
-        weight = torch.randn(3 * width, in_features, device=DEVICE, dtype=dtype) / in_features**0.5
-        output = got.addmm_(x, weight.T)
-        full = x.double() @ weight.double().T + expected
-        assert relative_error(output, full) < 1e-2, (layout, relative_error(output, full))
-
-
 # --- whole encoders: the plans against the float64 per-segment reference --------------------------
 
 SLOT_RANKS = {1: 8, 2: 16, 3: 64, 4: 16, 5: 8}
@@ -255,10 +213,10 @@ def test_encoder_plans_match_float64_reference(encoders, layout):
     base_batch = packed_batch(lengths, [0] * len(lengths), DEVICE, seed=len(lengths))  # the same tokens
     without_lora = run(model64, layers64, base_batch, "reference")
     errors = {plan: relative_error(run(model, layers, batch, plan), expected)
-              for plan in ("reference", "tables", "deferred", "delta-first", "merged")}
+              for plan in ("reference", "tables", "deferred", "merged")}
     print(layout, {plan: f"{error:.2e}" for plan, error in errors.items()},
           f"LoRA effect {relative_error(without_lora, expected):.2e}")
-    for plan in ("tables", "deferred", "delta-first", "merged"):  # the fast paths: no worse than the bf16 reference
+    for plan in ("tables", "deferred", "merged"):  # the fast paths: no worse than the bf16 reference
         assert errors[plan] < max(1.5 * errors["reference"], errors["reference"] + 2e-3), (plan, errors)
     if any(slot not in (0, 5) for slot in slots):  # the adapters move the output well beyond the bf16 error
         assert relative_error(without_lora, expected) > 5 * max(errors.values())
@@ -275,7 +233,7 @@ def test_forward_does_not_sync_with_the_host(encoders):
         for layout in ("mixed ranks, base rows", "one adapter"):
             lengths, slots = ENCODER_LAYOUTS[layout]
             batch = packed_batch(lengths, slots, DEVICE)
-            for plan in ("tables", "deferred", "delta-first", "merged"):
+            for plan in ("tables", "deferred", "merged"):
                 set_plan(layers, plan)
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")

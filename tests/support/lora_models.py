@@ -64,9 +64,7 @@ def packed_batch(lengths: list[int], slots: list[int], device: str, seed: int = 
 
 def set_plan(layers: LoraLayers, plan: str) -> None:
     """"reference" (per-segment matmuls), "tables" (shrink/expand over a block table), "deferred"
-    (+ expand in the consumer's kernel), "delta-first" (+ Q/K/V bias and delta written before its
-    GEMM), "merged" (+ one adapter per batch merged into W: the GPU's default)."""
-    layers.use_block_tables = plan in ("tables", "deferred", "delta-first", "merged")
-    layers.defer_expand = plan in ("deferred", "delta-first", "merged")
-    layers.delta_before_gemm = plan in ("delta-first", "merged")
+    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W)."""
+    layers.use_block_tables = plan in ("tables", "deferred", "merged")
+    layers.defer_expand = plan in ("deferred", "merged")
     layers.merge_single_adapter = plan == "merged"

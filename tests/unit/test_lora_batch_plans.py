@@ -1,6 +1,6 @@
 """The LoRA batch plans of `LoraLayers` on the CPU, in float64: the block-table shrink/expand, the
-expand deferred to the consumer (GELU / residual + LayerNorm, `fused_ops.LoraDelta`), the Q/K/V
-bias + delta written before the GEMM, and the single-adapter merge all equal the per-segment reference, for every activation, mixed ranks,
+expand deferred to the consumer (GELU / residual + LayerNorm, `fused_ops.LoraDelta`) and the
+single-adapter merge all equal the per-segment reference, for every activation, mixed ranks,
 zero-rank slots, base rows and empty segments. (The same plans with the Triton kernels:
 tests/gpu/test_lora_fusion.py.)"""
 
@@ -54,7 +54,7 @@ def run(model, layers, batch, plan, segments=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("plan", ["tables", "deferred", "delta-first", "merged"])
+@pytest.mark.parametrize("plan", ["tables", "deferred", "merged"])
 def test_plan_equals_reference(model_and_layers, layout, plan):
     model, layers = model_and_layers
     lengths, slots = LAYOUTS[layout]
@@ -71,7 +71,7 @@ def test_empty_segments_change_nothing(model_and_layers):
     first, second, third = batch.adapter_segments
     segments = (AdapterSegment(3, 0, 0), first, second, AdapterSegment(4, 27, 27), third)
     expected = run(model, layers, batch, "reference")
-    for plan in ("tables", "deferred", "delta-first"):
+    for plan in ("tables", "deferred"):
         torch.testing.assert_close(run(model, layers, batch, plan, segments), expected, rtol=1e-10, atol=1e-10)
     # One adapter and an empty segment of another: still a one-adapter batch, merged.
     one = packed_batch([7, 20], [2, 2], "cpu")
@@ -82,10 +82,9 @@ def test_empty_segments_change_nothing(model_and_layers):
 
 def test_each_plan_takes_its_path(model_and_layers, monkeypatch):
     """Deferred: every single-slice linear hands a LoraDelta to its consumer and only Q/K/V expands.
-    Delta-first: Q/K/V writes bias + delta before its GEMM instead. Merged: no shrink and no expand
-    at all."""
+    Merged: no shrink and no expand at all."""
     model, layers = model_and_layers
-    calls = {"shrink": 0, "expand": 0, "activation": 0, "delta first": 0}
+    calls = {"shrink": 0, "expand": 0, "activation": 0}
 
     def counted(name, function):
         def wrapper(*args, **kwargs):
@@ -97,17 +96,12 @@ def test_each_plan_takes_its_path(model_and_layers, monkeypatch):
     monkeypatch.setattr(layers_module, "lora_expand", counted("expand", layers_module.lora_expand))
     activation = counted("activation", encoder_module.add_lora_activation)
     monkeypatch.setattr(encoder_module, "add_lora_activation", activation)
-    monkeypatch.setattr(layers_module, "bias_plus_lora_delta",
-                        counted("delta first", layers_module.bias_plus_lora_delta))
     mixed = packed_batch([7, 3, 12], [0, 1, 2], "cpu")
     run(model, layers, mixed, "deferred")
-    assert calls == {"shrink": 2 * 4, "expand": 2 * 1, "activation": 2, "delta first": 0}
+    assert calls == {"shrink": 2 * 4, "expand": 2 * 1, "activation": 2}
     calls.update(shrink=0, expand=0, activation=0)
-    run(model, layers, mixed, "delta-first")
-    assert calls == {"shrink": 2 * 4, "expand": 0, "activation": 2, "delta first": 2 * 1}
-    calls.update(shrink=0, expand=0, activation=0, **{"delta first": 0})
     run(model, layers, packed_batch([7, 3], [1, 1], "cpu"), "merged")
-    assert calls == {"shrink": 0, "expand": 0, "activation": 0, "delta first": 0}
+    assert calls == {"shrink": 0, "expand": 0, "activation": 0}
 
 
 def test_linear_returns_the_delta_it_defers(model_and_layers):

@@ -16,8 +16,7 @@ How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing sync
 - mixed adapters (and base rows): the base GEMM, the shrink over a block table, and the expand,
   which `forward_deferred` hands to the consumer's elementwise kernel (`fused_ops.LoraDelta`):
   the GELU pass for intermediate.dense, residual + LayerNorm for the two other dense layers. The
-  fused Q/K/V output goes to attention, so its bias + delta are written first and the GEMM
-  accumulates into them (`delta_before_gemm`; else an expand accumulates into the GEMM's output);
+  fused Q/K/V output goes to attention, so its expand still accumulates into it;
 - on the CPU, per-segment PyTorch matmuls (`apply_segmented_lora`), the reference.
 
 A CUDA graph captures the same two GPU plans with device-side inputs instead of host state
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import FUSED_PROJECTIONS, PackedEncoder
-from ..fused_ops import LoraDelta, bias_plus_lora_delta
+from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
 from .segmented import apply_segmented_lora
@@ -100,10 +99,6 @@ class LoraBatchState:
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
-    # Fused projections (q | k | v), whose output no elementwise kernel reads: bias + delta written
-    # first and the GEMM accumulated into it, instead of an expand over the GEMM's output afterwards
-    # (set from LoraLayers.delta_before_gemm; needs token_slots).
-    delta_before_gemm: bool = False
     buffer_generation: int = 0  # bumped whenever a linear's LoRA buffers are (re)allocated
     merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
 
@@ -232,6 +227,7 @@ class SegmentedLoraLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias), None  # [T, out]
         if state.merged_slot is not None:
             return F.linear(x, self._merged_weight(state.merged_slot), self.bias), None
+        output = F.linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
             state.block_table is not None
@@ -240,18 +236,10 @@ class SegmentedLoraLinear(nn.Linear):
         ):
             # Two Triton launches for all segments and slices; one when the consumer expands.
             shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
-            if state.token_slots is not None and self.bias is not None and (
-                state.delta_before_gemm and len(self.slice_widths) > 1
-            ):
-                delta = LoraDelta(shrunk, self.lora_b_cat, state.token_slots)
-                output = bias_plus_lora_delta(self.bias, delta, width)  # [T, out]
-                return output.addmm_(x, self.weight.T), None
-            output = F.linear(x, self.weight, self.bias)  # [T, out]
             if defer and state.token_slots is not None and len(self.slice_widths) == 1:
                 return output, LoraDelta(shrunk, self.lora_b_cat, state.token_slots)
             lora_expand(shrunk, output, self.lora_b_cat, self.rank_capacity, width, state.block_table)
             return output, None
-        output = F.linear(x, self.weight, self.bias)  # [T, out]
         segments = [segment for segment in state.segments if self.slot_has_lora[segment.slot]]
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output, None
@@ -290,9 +278,6 @@ class LoraLayers:
         self.use_block_tables = on_gpu  # shrink/expand over a block table (kernels; references on the CPU)
         self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
-        # With defer_expand: the fused Q/K/V's bias + delta written first and its GEMM accumulated
-        # into them (`LoraBatchState.delta_before_gemm`), instead of an expand over its output.
-        self.delta_before_gemm = on_gpu
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
@@ -354,7 +339,6 @@ class LoraLayers:
         state = self.batch_state
         state.segments = segments
         state.block_table = state.token_slots = state.merged_slot = None
-        state.delta_before_gemm = self.delta_before_gemm
         used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
         state.slot_bits = sum(1 << slot for slot in used)
         if not used - {0}:
@@ -401,7 +385,6 @@ class LoraLayers:
         state = self.batch_state
         state.segments, state.slot_bits, state.graph_capture = (), 0, True
         state.block_table = state.token_slots = state.merged_slot = None
-        state.delta_before_gemm = self.delta_before_gemm
         if plan == "merged":
             state.merged_slot = merged_slot
         else:
