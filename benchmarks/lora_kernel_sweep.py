@@ -78,7 +78,9 @@ def sweep_merge(rows: list, device: torch.device, dtype: torch.dtype, rank: int,
                 BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps,
             )
 
-        current = (sgmv_triton._column_block(width), sgmv_triton.MERGE_BLOCK_N, 4)
+        before = (sgmv_triton._column_block(width), 128, 4)  # the setting until 2026-11-28
+        rows.append((kernel, f"before: BLOCK_M={before[0]} BLOCK_N=128 warps=4", microseconds(lambda: launch(*before))))
+        current = (sgmv_triton.merge_block_m(width), sgmv_triton.MERGE_BLOCK_N, sgmv_triton.MERGE_WARPS)
         others = [(m, n, w) for m, n, w in itertools.product((16, 32, 64, 128), (64, 128, 256), (2, 4, 8)) if width % m == 0]
         sweep(rows, kernel, [current, *others], launch, lambda m, n, w: f"BLOCK_M={m} BLOCK_N={n} warps={w}")
 
@@ -184,7 +186,7 @@ def main() -> None:
             current[kernel] = time_us
     for kernel in dict.fromkeys(kernel for kernel, _, _ in rows):
         measured = sorted((row for row in rows if row[0] == kernel), key=lambda row: row[2])
-        marked = ("current", "bound", "reference")  # always shown; then the five fastest others
+        marked = ("current", "before", "bound", "reference")  # always shown; then the five fastest others
         shown = [row for row in measured if any(mark in row[1] for mark in marked)] + [
             row for row in measured if not any(mark in row[1] for mark in marked)][:5]
         for _, setting, time_us in sorted(shown, key=lambda row: row[2]):

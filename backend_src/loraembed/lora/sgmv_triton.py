@@ -272,8 +272,20 @@ def lora_expand(
         expand_reference(shrunk, output, lora_b_cat, rank, slice_width, block_table)
 
 
-# The merge's tile over the weight [out, in]: rows from _column_block(slice width), 128 columns.
-MERGE_BLOCK_N = 128
+# The merge's tile over the weight [out, in]: 32 rows (fewer where the slice width needs it) by 64
+# columns, 4 warps. On an H200 (benchmarks/lora_kernel_sweep.py --kernels merge,
+# results/lora-merge-sweep-2026-11-28-h200.md) the four XLM-R base shapes took 6.7 / 5.5 / 7.8 / 7.4 µs
+# or less with such tiles, against 7.5 / 6.3 / 9.4 / 9.3 with 128 x 128 (a copy of W: 6.1 / 4.7 / 7.4
+# / 7.3): 128-row tiles made 108 programs or fewer, under one wave of 132 SMs.
+MERGE_BLOCK_M = 32
+MERGE_BLOCK_N = 64
+MERGE_WARPS = 4
+
+
+def merge_block_m(slice_width: int) -> int:
+    """The merge tile's rows: MERGE_BLOCK_M, or the largest block that divides the slice width if
+    smaller (a tile's rows lie in one slice)."""
+    return min(MERGE_BLOCK_M, _column_block(slice_width))
 
 
 def lora_merge_supported(weight: torch.Tensor, slice_width: int, rank: int) -> bool:
@@ -291,13 +303,13 @@ def lora_merge(
     if not lora_merge_supported(weight, slice_width, rank):
         return merge_reference(weight, lora_a_cat, lora_b_cat, slot, slice_width, out)
     out_features, in_features = weight.shape
-    block_m = _column_block(slice_width)
+    block_m = merge_block_m(slice_width)
     on_device = isinstance(slot, torch.Tensor)
     _lora_merge_kernel[(out_features // block_m, triton.cdiv(in_features, MERGE_BLOCK_N))](
         weight, lora_a_cat, lora_b_cat, out, slot if on_device else weight, 0 if on_device else slot,
         out_features, in_features, rank, slice_width,
         lora_a_cat.stride(0), lora_a_cat.stride(1), lora_b_cat.stride(0), lora_b_cat.stride(1),
         SLOT_ON_DEVICE=on_device, BLOCK_M=block_m, BLOCK_N=MERGE_BLOCK_N,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=MERGE_WARPS,
     )
     return out
