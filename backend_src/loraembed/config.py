@@ -144,7 +144,7 @@ class ServingConfig:
     max_text_bytes: int = 1_000_000
     max_texts_per_request: int = 4096
     cuda_graph_max_tokens: int = 16384  # batches up to this size (adapters too) replay CUDA graphs; 0: never
-    cpu_threads: int = 0  # torch threads of a CPU instance; 0: half the cores (tokenizers share them)
+    cpu_threads: int = 0  # torch threads of an instance; 0: 1 on a GPU, half the cores on a CPU (tokenizers share them)
 
     ENV_PREFIX = "LORAEMBED_"
 

@@ -25,13 +25,19 @@ def request_parameters(parameters_json: str) -> dict[str, Any]:
 
 
 def instance_device(kind: str, device_id: str | int, cpu_threads: int = 0) -> torch.device:
-    """The device of a Triton model instance; makes it current so every CUDA call lands there.
+    """The device of a Triton model instance; makes it current so every CUDA call lands there,
+    and sets the instance's torch threads: `cpu_threads`, else one on a GPU, half the cores on a CPU.
 
-    A CPU instance shares the cores with the tokenizer instances: it gets `cpu_threads` torch
-    threads, or half the cores (on a 2-core machine a second torch thread made small batches many
-    times slower: tests/integration/test_load_and_faults.py ran 352 s instead of 15 s).
+    The instances of a server are processes that share the cores, and torch's default (one thread
+    per core in each) oversubscribes them: its small CPU ops then wait on threads that another
+    process holds. On a 2-core machine a second torch thread made small CPU batches many times
+    slower (tests/integration/test_load_and_faults.py ran 352 s instead of 15 s). On a 16-core GPU
+    host, two GPU instances with 16 threads each spent 158 s preloading 64 adapters, whose reading
+    is a few hundred small CPU ops per adapter (benchmarks/NOTES.md, item 24). A GPU instance's
+    CPU work is such small ops, so one thread serves it.
     """
     if kind == "GPU" and torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads or 1)
         device = torch.device("cuda", int(device_id))
         torch.cuda.set_device(device)
         return device

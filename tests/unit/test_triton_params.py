@@ -39,3 +39,14 @@ def restore_threads():
 def test_cpu_instance_threads(restore_threads, requested, expected):
     assert instance_device("CPU", "0", requested) == torch.device("cpu")
     assert torch.get_num_threads() == expected
+
+
+@pytest.mark.parametrize("requested, expected", [(0, 1), (4, 4)])
+def test_gpu_instance_threads(restore_threads, monkeypatch, requested, expected):
+    """A GPU instance's few CPU ops get one torch thread unless asked: the instances are processes
+    that share the cores (the default, one thread per core in each, oversubscribes them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    torch.set_num_threads(2)
+    assert instance_device("GPU", "1", requested) == torch.device("cuda", 1)
+    assert torch.get_num_threads() == expected

@@ -272,12 +272,12 @@ def lora_expand(
         expand_reference(shrunk, output, lora_b_cat, rank, slice_width, block_table)
 
 
-# The merge's tile over the weight [out, in]: 32 rows (fewer where the slice width needs it) by 64
-# columns, 4 warps. On an H200 (benchmarks/lora_kernel_sweep.py --kernels merge,
-# results/lora-merge-sweep-2026-11-28-h200.md) the four XLM-R base shapes took 6.7 / 5.5 / 7.8 / 7.4 µs
-# or less with such tiles, against 7.5 / 6.3 / 9.4 / 9.3 with 128 x 128 (a copy of W: 6.1 / 4.7 / 7.4
-# / 7.3): 128-row tiles made 108 programs or fewer, under one wave of 132 SMs.
-MERGE_BLOCK_M = 32
+# The merge's tile over the weight [out, in]: 16 rows by 64 columns, 4 warps. Two H200 runs of
+# benchmarks/lora_kernel_sweep.py --kernels merge (results/lora-merge-sweep-2026-11-28-h200.md)
+# had this setting among the fastest for three or four of the XLM-R base shapes (5.5-7.6 µs; a copy
+# of W: 4.7-7.6), where 128 x 128 tiles took 6.3-9.7 µs: those made 108 programs or fewer, under
+# one wave of 132 SMs.
+MERGE_BLOCK_M = 16
 MERGE_BLOCK_N = 64
 MERGE_WARPS = 4
 
