@@ -12,7 +12,7 @@
 #              change the speed; the GPU host has no hub), or a checkpoint folder with tokenizer.json
 #   --gpus     the two GPUs to compare (the first alone, then both)
 #   --tokenizer-instances  CPU tokenizer instances (default 4, docker/entrypoint.sh's GPU default; the
-#              encoder gets its GPU default too, 2 instances per GPU)
+#              encoder gets its GPU default too, 3 instances per GPU)
 #
 # Needs tritonserver and perf_analyzer: on the lent GPU host, scripts/gpu_host_env.sh with the server
 # bundle (.gpuhost) provides both and is sourced here when tritonserver is not on PATH; and a python
@@ -174,7 +174,7 @@ stop_server
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "$first")
 engine=$(grep -o 'loraembed encoder ready: .*' "$work/server-2gpu.log" | head -n 1 | sed 's/^loraembed encoder ready: //; s/"$//')
 python3 - "$work/results.txt" "$out/RESULTS-multi-gpu.md" "$card" "$model" "$batch" "$measurement_ms" \
-    "${tokenizer_instances:-4 (GPU default)}, encoder instances per GPU 2 (GPU default)" "$engine" "$gpus" <<'EOF'
+    "${tokenizer_instances:-4 (GPU default)}, encoder instances per GPU 3 (GPU default)" "$engine" "$gpus" <<'EOF'
 import datetime, math, sys
 results, report, card, model, batch, window_ms, tokenizers, engine, gpus = sys.argv[1:]
 rows = {}

@@ -23,7 +23,7 @@
 #                 of model_repository/ with those config.pbtxt values (default: the repository's; the
 #                 tokenizer instances: LORAEMBED_TOKENIZER_INSTANCES, default 4 on a GPU as the entrypoint's)
 #   --tokenizer-threads  RAYON_NUM_THREADS of the server (the fast tokenizer's threads per instance)
-#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default 2,
+#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default 3,
 #                 docker/entrypoint.sh's GPU default)
 #   --param       a serving parameter (LORAEMBED_NAME for the server, the same for the in-process run)
 #   --vocab       the tokenizer's (and the checkpoint's) vocabulary size (default 250002; 8000 with --tiny)

@@ -5,7 +5,7 @@
 #                                as in the image, else the checkout's model_repository/)
 #   LORAEMBED_GPUS               GPUs for the encoder, e.g. 0,1 (default: every visible GPU, or one CPU
 #                                instance without GPUs: the repository's KIND_AUTO)
-#   LORAEMBED_INSTANCES_PER_GPU  encoder instances on each of those GPUs (default 2 where there are
+#   LORAEMBED_INSTANCES_PER_GPU  encoder instances on each of those GPUs (default 3 where there are
 #                                GPUs; see GPU_DEFAULTS below)
 #   LORAEMBED_TOKENIZER_INSTANCES  tokenizer (CPU) instances (default 4 where there are GPUs, else the
 #                                repository's 2)
@@ -38,12 +38,14 @@ tokenizers=${LORAEMBED_TOKENIZER_INSTANCES:-}
 [[ -z $per_gpu || $per_gpu =~ ^[1-9][0-9]*$ ]] || die "LORAEMBED_INSTANCES_PER_GPU must be a positive integer, not '$per_gpu'"
 [[ -z $tokenizers || $tokenizers =~ ^[1-9][0-9]*$ ]] || die "LORAEMBED_TOKENIZER_INSTANCES must be a positive integer, not '$tokenizers'"
 
-# GPU_DEFAULTS: two encoder instances per GPU (one stub packs and copies while the other's batch runs
-# on the GPU) and four tokenizer instances. On one H200 of a 16-core host that served 8,418 single
-# queries/s through `embed` against 4,956 with the repository's 1 + 2, and 81% against 69% of the
-# in-process tokens/s on 32-passage requests (benchmarks/RESULTS-serve.md, 2026-11-28).
+# GPU_DEFAULTS: three encoder instances per GPU (while one instance's batch runs on the GPU, the
+# others unpack, pack and copy the next) and four tokenizer instances. On one H200 of a 16-core
+# host (benchmarks/results/serve-2026-11-28-h200-threads-instances-2-3.md, one call) three served
+# 13,154 single queries/s through `embed` at p99 23 ms, where two served 8,949 at p99 36 ms; on
+# 32-passage requests they gave 77% and 81% of the in-process tokens/s. The server was ready
+# after 7 s with three and 9 s with two (64 adapters preloaded).
 if [[ -n $gpus ]] || { command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; }; then
-    per_gpu=${per_gpu:-2} tokenizers=${tokenizers:-4}
+    per_gpu=${per_gpu:-3} tokenizers=${tokenizers:-4}
 fi
 
 # Replace the one line that starts with instance_group in MODEL/config.pbtxt of the copy.

@@ -101,8 +101,8 @@ def test_benchmark_compares_one_gpu_with_two(tmp_path):
                              "--raw", str(tmp_path / "raw")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "encoder instance groups: [('KIND_GPU', 2, [1])]" in result.stderr
-    assert "encoder instance groups: [('KIND_GPU', 2, [1, 0])]" in result.stderr
+    assert "encoder instance groups: [('KIND_GPU', 3, [1])]" in result.stderr
+    assert "encoder instance groups: [('KIND_GPU', 3, [1, 0])]" in result.stderr
     report = (out / "RESULTS-multi-gpu.md").read_text()
     assert report in result.stdout
     assert "Fake GPU 80GB (GPUs 1,0)" in report and "fake engine" in report

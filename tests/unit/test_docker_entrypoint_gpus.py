@@ -82,12 +82,12 @@ def test_ports_and_shared_memory_come_from_the_environment(run_entrypoint):
 @pytest.mark.parametrize(
     ("env", "nvidia_smi", "count", "gpus", "tokenizers"),
     [
-        ({"LORAEMBED_GPUS": "0,1"}, NO_GPU, 2, [0, 1], 4),  # the GPU defaults: 2 per GPU, 4 tokenizers
-        ({"LORAEMBED_GPUS": "3"}, NO_GPU, 2, [3], 4),
+        ({"LORAEMBED_GPUS": "0,1"}, NO_GPU, 3, [0, 1], 4),  # the GPU defaults: 3 per GPU, 4 tokenizers
+        ({"LORAEMBED_GPUS": "3"}, NO_GPU, 3, [3], 4),
         ({"LORAEMBED_GPUS": "1,0", "LORAEMBED_INSTANCES_PER_GPU": "1"}, NO_GPU, 1, [1, 0], 4),
-        ({"LORAEMBED_INSTANCES_PER_GPU": "3"}, NO_GPU, 3, [], 2),  # count on each visible GPU
-        ({}, ONE_GPU, 2, [], 4),  # nvidia-smi lists a GPU: the GPU defaults
-        ({"LORAEMBED_GPUS": "all", "LORAEMBED_TOKENIZER_INSTANCES": "8"}, ONE_GPU, 2, [], 8),
+        ({"LORAEMBED_INSTANCES_PER_GPU": "2"}, NO_GPU, 2, [], 2),  # count on each visible GPU
+        ({}, ONE_GPU, 3, [], 4),  # nvidia-smi lists a GPU: the GPU defaults
+        ({"LORAEMBED_GPUS": "all", "LORAEMBED_TOKENIZER_INSTANCES": "8"}, ONE_GPU, 3, [], 8),
     ],
 )
 def test_gpus_rewrite_only_the_instance_groups_of_a_copy(run_entrypoint, env, nvidia_smi, count, gpus, tokenizers):
