@@ -23,8 +23,8 @@
 #                 of model_repository/ with those config.pbtxt values (default: the repository's; the
 #                 tokenizer instances: LORAEMBED_TOKENIZER_INSTANCES, default 4 on a GPU as the entrypoint's)
 #   --tokenizer-threads  RAYON_NUM_THREADS of the server (the fast tokenizer's threads per instance)
-#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default 3,
-#                 docker/entrypoint.sh's GPU default)
+#   --encoder-instances  encoder instances per GPU (LORAEMBED_INSTANCES_PER_GPU; GPU only; default
+#                 docker/entrypoint.sh's GPU default, 3)
 #   --param       a serving parameter (LORAEMBED_NAME for the server, the same for the in-process run)
 #   --vocab       the tokenizer's (and the checkpoint's) vocabulary size (default 250002; 8000 with --tiny)
 #   --passage-tokens  median passage length in tokens (default 120; 40 with --tiny)
@@ -85,9 +85,13 @@ if ((tiny)); then
 fi
 device=${device:-cuda} adapters=${adapters:-64} concurrency=${concurrency:-1,2,4,8,16,32,64,128}
 instances_note=""
-if [[ $device == cuda ]]; then  # docker/entrypoint.sh's GPU defaults, spelled out for the report
+if [[ $device == cuda ]]; then  # docker/entrypoint.sh's GPU defaults, read from it and spelled out for the report
     [[ -z $encoder_instances$tokenizer_instances ]] && instances_note=" (instances: the entrypoint's GPU defaults)"
-    encoder_instances=${encoder_instances:-2} tokenizer_instances=${tokenizer_instances:-4}
+    # shellcheck disable=SC2016  # the ${...} are the entrypoint's text, matched literally
+    gpu_defaults=$(sed -n 's/^ *per_gpu=\${per_gpu:-\([0-9][0-9]*\)} tokenizers=\${tokenizers:-\([0-9][0-9]*\)}$/\1 \2/p' \
+        "$ROOT/docker/entrypoint.sh")
+    [[ $gpu_defaults =~ ^[0-9]+\ [0-9]+$ ]] || { echo "serve_bench.sh: no GPU defaults line in docker/entrypoint.sh" >&2; exit 1; }
+    encoder_instances=${encoder_instances:-${gpu_defaults% *}} tokenizer_instances=${tokenizer_instances:-${gpu_defaults#* }}
 fi
 tokenizer_concurrency=${tokenizer_concurrency:-4,16,64} window_ms=${window_ms:-1000} warmup_ms=${warmup_ms:-300}
 [[ $report_dir == unset ]] && report_dir=$ROOT/benchmarks
