@@ -272,11 +272,11 @@ def lora_expand(
         expand_reference(shrunk, output, lora_b_cat, rank, slice_width, block_table)
 
 
-# The merge's tile over the weight [out, in]: 16 rows by 64 columns, 4 warps. Two H200 runs of
-# benchmarks/lora_kernel_sweep.py --kernels merge (results/lora-merge-sweep-2026-11-28-h200.md)
-# had this setting among the fastest for three or four of the XLM-R base shapes (5.5-7.6 µs; a copy
-# of W: 4.7-7.6), where 128 x 128 tiles took 6.3-9.7 µs: those made 108 programs or fewer, under
-# one wave of 132 SMs.
+# The merge's tile over the weight [out, in]: 16 rows by 64 columns, 4 warps. 128 x 128 tiles made
+# 108 programs or fewer, under one wave of 132 SMs. On an H200, with both in one process
+# (benchmarks/lora_kernel_sweep.py --kernels merge, results/lora-merge-sweep-2026-11-28-h200.md,
+# third run), the four XLM-R base shapes took 7.8 / 6.2 / 7.5 / 8.4 µs against 8.5 / 10.3 / 9.0 /
+# 9.6 (a copy of W: 6.2 / 5.1 / 7.1 / 6.9).
 MERGE_BLOCK_M = 16
 MERGE_BLOCK_N = 64
 MERGE_WARPS = 4
