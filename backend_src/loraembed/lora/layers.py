@@ -38,7 +38,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
-from .segmented import apply_segmented_lora
+from .segmented import apply_segmented_lora, slot_of
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
 
 # Linear modules under `encoder.layer.{i}.` that take LoRA -> the PEFT modules whose output
@@ -250,14 +250,10 @@ class SegmentedLoraLinear(nn.Linear):
         merged = self.batch_state.merge_buffer(self.weight)
         if self.uniform_slices:  # one launch for all slices
             return lora_merge(self.weight, self.lora_a_cat, self.lora_b_cat, slot, self.slice_widths[0], merged)
-
-        def of_slot(stack: torch.Tensor) -> torch.Tensor:
-            return stack[slot] if isinstance(slot, int) else stack.index_select(0, slot)[0]
-
         row = 0
         for index, width in enumerate(self.slice_widths):
-            torch.addmm(self.weight[row : row + width], of_slot(self.lora_b[index]), of_slot(self.lora_a[index]),
-                        out=merged[row : row + width])
+            torch.addmm(self.weight[row : row + width], slot_of(self.lora_b[index], slot),
+                        slot_of(self.lora_a[index], slot), out=merged[row : row + width])
             row += width
         return merged
 

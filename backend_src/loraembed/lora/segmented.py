@@ -81,15 +81,17 @@ def merge_reference(
 ) -> torch.Tensor:
     """`sgmv_triton.lora_merge` in PyTorch: out = W + B_cat[slot] A_cat[slot] per output slice, one
     batched matmul for all slices; `slot` an int or a device index [1]."""
-
-    def of_slot(stack: torch.Tensor) -> torch.Tensor:
-        return stack[slot] if isinstance(slot, int) else stack.index_select(0, slot)[0]
-
     slices, in_features, rank = weight.shape[0] // slice_width, weight.shape[1], lora_b_cat.shape[2]
     torch.baddbmm(
         weight.view(slices, slice_width, in_features),
-        of_slot(lora_b_cat).view(slices, slice_width, rank),
-        of_slot(lora_a_cat).view(slices, rank, in_features),
+        slot_of(lora_b_cat, slot).view(slices, slice_width, rank),
+        slot_of(lora_a_cat, slot).view(slices, rank, in_features),
         out=out.view(slices, slice_width, in_features),
     )
     return out
+
+
+def slot_of(stack: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+    """stack[slot] of a per-slot stack [slots, ...], `slot` an int or a device index [1] (a CUDA
+    graph's input: selected on the device, no host sync)."""
+    return stack[slot] if isinstance(slot, int) else stack.index_select(0, slot)[0]
