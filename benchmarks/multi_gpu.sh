@@ -11,7 +11,7 @@
 #   --model    a random-weight checkpoint of that size, built once under $TMPDIR (weights do not
 #              change the speed; the GPU host has no hub), or a checkpoint folder with tokenizer.json
 #   --gpus     the two GPUs to compare (the first alone, then both)
-#   --tokenizer-instances  CPU tokenizer instances (default 4, docker/entrypoint.sh's GPU default; the
+#   --tokenizer-instances  CPU tokenizer instances (default: docker/entrypoint.sh's GPU default, 4; the
 #              encoder gets its GPU default too, 3 instances per GPU)
 #
 # Needs tritonserver and perf_analyzer: on the lent GPU host, scripts/gpu_host_env.sh with the server
@@ -115,6 +115,9 @@ stop_server() {
 trap stop_server EXIT
 # shellcheck source=benchmarks/wait_for_server.sh
 source "$ROOT/benchmarks/wait_for_server.sh"
+# shellcheck source=benchmarks/entrypoint_defaults.sh
+source "$ROOT/benchmarks/entrypoint_defaults.sh"
+gpu_defaults=$(entrypoint_gpu_defaults "$ROOT") || exit 1  # what the entrypoint serves with: for the report
 
 start_server() {  # $1: LORAEMBED_GPUS, $2: log file
     say "starting tritonserver with the encoder on GPU(s) $1"
@@ -174,7 +177,8 @@ stop_server
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "$first")
 engine=$(grep -o 'loraembed encoder ready: .*' "$work/server-2gpu.log" | head -n 1 | sed 's/^loraembed encoder ready: //; s/"$//')
 python3 - "$work/results.txt" "$out/RESULTS-multi-gpu.md" "$card" "$model" "$batch" "$measurement_ms" \
-    "${tokenizer_instances:-4 (GPU default)}, encoder instances per GPU 3 (GPU default)" "$engine" "$gpus" <<'EOF'
+    "${tokenizer_instances:-${gpu_defaults#* } (GPU default)}, encoder instances per GPU ${gpu_defaults% *} (GPU default)" \
+    "$engine" "$gpus" <<'EOF'
 import datetime, math, sys
 results, report, card, model, batch, window_ms, tokenizers, engine, gpus = sys.argv[1:]
 rows = {}

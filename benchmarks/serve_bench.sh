@@ -87,10 +87,9 @@ device=${device:-cuda} adapters=${adapters:-64} concurrency=${concurrency:-1,2,4
 instances_note=""
 if [[ $device == cuda ]]; then  # docker/entrypoint.sh's GPU defaults, read from it and spelled out for the report
     [[ -z $encoder_instances$tokenizer_instances ]] && instances_note=" (instances: the entrypoint's GPU defaults)"
-    # shellcheck disable=SC2016  # the ${...} are the entrypoint's text, matched literally
-    gpu_defaults=$(sed -n 's/^ *per_gpu=\${per_gpu:-\([0-9][0-9]*\)} tokenizers=\${tokenizers:-\([0-9][0-9]*\)}$/\1 \2/p' \
-        "$ROOT/docker/entrypoint.sh")
-    [[ $gpu_defaults =~ ^[0-9]+\ [0-9]+$ ]] || { echo "serve_bench.sh: no GPU defaults line in docker/entrypoint.sh" >&2; exit 1; }
+    # shellcheck source=benchmarks/entrypoint_defaults.sh
+    source "$ROOT/benchmarks/entrypoint_defaults.sh"
+    gpu_defaults=$(entrypoint_gpu_defaults "$ROOT") || exit 1
     encoder_instances=${encoder_instances:-${gpu_defaults% *}} tokenizer_instances=${tokenizer_instances:-${gpu_defaults#* }}
 fi
 tokenizer_concurrency=${tokenizer_concurrency:-4,16,64} window_ms=${window_ms:-1000} warmup_ms=${warmup_ms:-300}

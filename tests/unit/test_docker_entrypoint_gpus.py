@@ -159,8 +159,9 @@ def test_a_repository_whose_instance_group_cannot_be_found_is_refused(run_entryp
 
 
 def test_gpu_defaults_line_is_the_one_serve_bench_reads():
-    """benchmarks/serve_bench.sh reads the GPU defaults from this one line of the entrypoint (so its
-    report names the counts without a second copy of them); the cases above pin the values."""
+    """The serving benchmarks read the GPU defaults from this one line of the entrypoint
+    (benchmarks/entrypoint_defaults.sh), so their reports name the counts without a second copy of
+    them; the cases above pin the values."""
     script = (Path(__file__).resolve().parents[2] / "docker" / "entrypoint.sh").read_text()
     lines = re.findall(r"^ *per_gpu=\$\{per_gpu:-(\d+)\} tokenizers=\$\{tokenizers:-(\d+)\}$", script, re.M)
     assert lines == [("3", "4")]
