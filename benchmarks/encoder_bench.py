@@ -1,7 +1,7 @@
 """In-process encoder throughput on one GPU, against `transformers` measured in the same run.
 
     python benchmarks/encoder_bench.py [--models xlmr-base,xlmr-large,minilm] [--modes base,...]
-        [--attention flash_attn,torch_varlen] [--tokens 400000] [--out benchmarks]
+        [--attention flash_attn,torch_varlen] [--gelu-approximation none,tanh] [--tokens 400000] [--out benchmarks]
 
 Workloads (token lengths drawn once, arrival order random): queries (lognormal, median 16, 4-64),
 passages (median 120, 16-512), long (median 400, up to 512). Our engine packs at most
@@ -294,6 +294,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent))
     parser.add_argument("--profile", action="store_true", help="write a kernel profile of each forward measurement to --out")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--gelu-approximation", default="none",
+                        help="none, tanh or none,tanh: the engine's gelu_approximation; tanh runs with the first --attention only")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -326,19 +328,23 @@ def main() -> None:
             lengths = draw_lengths(workload, args.tokens, rng)
             if model_name == "minilm":
                 lengths = [min(n, 256) for n in lengths]
-            for attention in attentions:
-                engine = make_engine(path, attention, args.max_batch_tokens)
+            runs = [(attention, approximation) for approximation in args.gelu_approximation.split(",")
+                    for attention in (attentions if approximation == "none" else attentions[:1])]
+            for attention, approximation in runs:
+                engine = make_engine(path, attention, args.max_batch_tokens, gelu_approximation=approximation)
                 config = engine.settings.encoder_config
+                label = attention if approximation == "none" else f"{attention}, tanh GELU"
                 bos, eos = (0, 2) if config.position_offset else (101, 102)
                 sequences = random_sequences(lengths, config.vocab_size, rng, bos, eos)
                 flops = encoder_flops(config, lengths)
-                profile_file = Path(args.out) / f"profile-{model_name}-{workload}-{attention}.txt" if args.profile else None
+                profile_file = (Path(args.out) / f"profile-{model_name}-{workload}-{label.replace(', tanh GELU', '-tanh')}.txt"
+                                if args.profile else None)
                 result = measure_engine(engine, sequences, [""] * len(sequences), args.repeats, profile_file)
                 for kind in ("forward", "engine"):
-                    add_row(model_name, workload, "base", f"loraembed {kind} ({attention})", lengths,
+                    add_row(model_name, workload, "base", f"loraembed {kind} ({label})", lengths,
                             result[f"{kind}_s"], flops, result["peak_gib"])
                 if workload == "queries":
-                    latencies.append(dict(model=model_name, attention=attention, **measure_latency(engine, bos, eos)))
+                    latencies.append(dict(model=model_name, attention=label, **measure_latency(engine, bos, eos)))
                 del engine
                 empty_cache()
             if model_name in args.adapter_models.split(",") and workload in args.adapter_workloads.split(",") and modes:

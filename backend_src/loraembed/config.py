@@ -36,6 +36,13 @@ class EncoderConfig:
     layer_norm_eps: float
     pad_token_id: int
 
+    def with_gelu_approximation(self, approximation: str) -> "EncoderConfig":
+        """This config with an exact GELU ("gelu") replaced by its tanh approximation when
+        `approximation` is "tanh" (ServingConfig.gelu_approximation); other activations unchanged."""
+        if approximation == "tanh" and self.hidden_act == "gelu":
+            return dataclasses.replace(self, hidden_act="gelu_pytorch_tanh")
+        return self
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -145,6 +152,9 @@ class ServingConfig:
     max_texts_per_request: int = 4096
     cuda_graph_max_tokens: int = 16384  # batches up to this size (adapters too) replay CUDA graphs; 0: never
     cpu_threads: int = 0  # torch threads of an instance; 0: 1 on a GPU, half the cores on a CPU (tokenizers share them)
+    # "tanh": a checkpoint's exact GELU ("gelu") runs as the tanh approximation, which cuBLASLt applies
+    # in the intermediate GEMM's epilogue instead of a separate pass (TEI's choice for every GELU).
+    gelu_approximation: str = "none"
 
     ENV_PREFIX = "LORAEMBED_"
 
@@ -189,6 +199,7 @@ class ServingConfig:
             "max_texts_per_request": lambda v: _parse_int("max_texts_per_request", v, 1),
             "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
             "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
+            "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("none", "tanh")),
         }
         values = {}
         problems = []

@@ -13,7 +13,7 @@ from .attention import varlen_attention
 from .checkpoint import normalize_checkpoint_keys, read_state_dict
 from .config import EncoderConfig
 from .errors import CheckpointError
-from .fused_ops import ACTIVATIONS, LoraDelta, add_layer_norm, add_lora_activation
+from .fused_ops import ACTIVATIONS, LoraDelta, add_layer_norm, add_lora_activation, linear_activation
 from .packing import PackedBatch
 
 # The one fusion table (vLLM's packed_modules_mapping): a fused module and the checkpoint modules
@@ -27,6 +27,20 @@ def _add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, lora: LoraDelta | None = None
 ) -> torch.Tensor:
     return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, lora)
+
+
+def _linear_activation(linear: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """activation(linear(x)), a LoRA delta added before the activation: one GEMM with the activation
+    in its epilogue where the batch's weight is one plain matrix and the activation has an epilogue
+    (`fused_ops.linear_activation`), else the GEMM and then one pass that adds the delta too."""
+    batch_weight = getattr(linear, "batch_weight", None)
+    weight = linear.weight if batch_weight is None else batch_weight()
+    if weight is not None:
+        return linear_activation(x, weight, linear.bias, activation)
+    output, lora = linear.forward_deferred(x)
+    if lora is None:  # the LoRA already added by the layer (a fused projection's path, the CPU reference)
+        return ACTIVATIONS[activation](output)
+    return add_lora_activation(output, lora, activation)
 
 
 def _linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LoraDelta | None]:
@@ -95,7 +109,6 @@ class Layer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.hidden_act = config.hidden_act
-        self.activation = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str) -> torch.Tensor:
         total_tokens, hidden_size = hidden.shape  # [T, H]
@@ -106,11 +119,7 @@ class Layer(nn.Module):
         )
         attended, lora = _linear(self.attention.output.dense, context.reshape(total_tokens, hidden_size))  # [T, H]
         hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm, lora)
-        intermediate, lora = _linear(self.intermediate.dense, hidden)  # [T, I]
-        if lora is None:
-            intermediate = self.activation(intermediate)
-        else:
-            intermediate = add_lora_activation(intermediate, lora, self.hidden_act)
+        intermediate = _linear_activation(self.intermediate.dense, hidden, self.hidden_act)  # [T, I]
         output, lora = _linear(self.output.dense, intermediate)  # [T, H]
         return _add_layer_norm(output, hidden, self.output.LayerNorm, lora)  # [T, H]
 

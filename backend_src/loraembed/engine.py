@@ -42,7 +42,7 @@ class ModelSettings:
     @classmethod
     def resolve(cls, serving: ServingConfig) -> "ModelSettings":
         model_path = resolve_model_path(serving.model, serving.revision)
-        encoder_config = read_encoder_config(model_path)
+        encoder_config = read_encoder_config(model_path).with_gelu_approximation(serving.gelu_approximation)
         st_settings = read_sentence_transformers_settings(model_path)
         pooling = serving.pooling if serving.pooling != "auto" else (st_settings.pooling or "cls")
         normalize = serving.normalize if serving.normalize is not None else st_settings.normalize

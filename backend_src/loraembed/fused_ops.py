@@ -1,6 +1,9 @@
 """Fused elementwise operations of the encoder, each behind one entry point: a Triton-language
 kernel on CUDA, the plain PyTorch reference elsewhere (and in the tests that check the kernel).
 
+`linear_activation` is the intermediate projection and its activation: cuBLASLt applies tanh GELU
+and ReLU in the GEMM's epilogue on CUDA (there is no exact-GELU epilogue), the separate pass elsewhere.
+
 Two of them can also add a pending LoRA delta (`LoraDelta`) in the same pass: the LoRA layers
 (lora/layers.py) run the base GEMM and the shrink, and hand the expand to the elementwise kernel
 that reads the GEMM's output anyway, instead of a read-modify-write of that output:
@@ -30,6 +33,8 @@ ACTIVATIONS = {
 }
 # The kernel's code for each activation (a constexpr: one compiled variant per activation).
 _ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
+# The activations cuBLASLt's GEMM epilogue computes (torch._addmm_activation: use_gelu or ReLU).
+EPILOGUE_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "relu": False}  # name: use_gelu
 LORA_LAYER_NORM_MAX_BLOCK = 1024  # whole rows of ROWS_PER_LORA_NORM rows in registers
 ROWS_PER_LORA_NORM = 16  # tl.dot needs at least 16 rows
 # Launch settings chosen by benchmarks/lora_kernel_sweep.py on an H100 (16k tokens, 64 adapters;
@@ -69,6 +74,26 @@ def lora_delta_reference(lora: LoraDelta) -> torch.Tensor:
         rows = lora.token_slots == slot
         delta[rows] = shrunk[rows, : lora.rank] @ lora.lora_b[slot].to(shrunk.dtype).T
     return delta
+
+
+def linear_activation_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    return ACTIVATIONS[activation](F.linear(x, weight, bias))
+
+
+def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """activation(x @ weight.T + bias), x: [T, in]. One cuBLASLt GEMM with the bias and the activation
+    in its epilogue for tanh GELU and ReLU on CUDA (16-bit floats); the reference elsewhere."""
+    if (
+        activation in EPILOGUE_ACTIVATIONS
+        and x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dim() == 2
+        and bias is not None
+    ):
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=EPILOGUE_ACTIVATIONS[activation])
+    return linear_activation_reference(x, weight, bias, activation)
 
 
 def add_layer_norm_reference(

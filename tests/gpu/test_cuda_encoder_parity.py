@@ -75,6 +75,38 @@ def test_bf16_packed_encoder_matches_fp32_transformers(xlmr_base, backend, pooli
     assert cosine.min() >= 0.999
 
 
+def test_gelu_approximation_tanh_matches_transformers_tanh_gelu(xlmr_base_folder):
+    """gelu_approximation=tanh (the cuBLASLt GELU epilogue) in bf16 against fp32 transformers with
+    hidden_act gelu_pytorch_tanh; printed beside it, how far each of our two GELUs lands from fp32
+    transformers with the checkpoint's exact GELU (the approximation's cost, next to bf16's own)."""
+    from transformers import AutoModel
+
+    rng = np.random.default_rng(2)
+    ids, mask = _random_batch(rng, [3, 16, 17, 64, 127, 128, 300, 512, 512, 40], 250002)
+    embeddings = {}
+    for approximation in ("none", "tanh"):
+        engine = EmbeddingEngine(
+            ServingConfig.from_parameters({"model": str(xlmr_base_folder), "dtype": "bfloat16", "pooling": "mean",
+                                           "gelu_approximation": approximation, "max_batch_tokens": "4096"}, environ={}),
+            "cuda",
+        )
+        embeddings[approximation] = engine.embed([EncoderRequest(ids, mask, parameters={"normalize": False})])[0]
+        del engine
+    references = {
+        act: _transformers_pooled(AutoModel.from_pretrained(xlmr_base_folder, hidden_act=act).cuda().float().eval(), ids, mask, "mean")
+        for act in ("gelu", "gelu_pytorch_tanh")
+    }
+
+    def cosine(a, b):
+        return ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()
+
+    for ours, reference in (("none", "gelu"), ("tanh", "gelu"), ("tanh", "gelu_pytorch_tanh")):
+        print(f"gelu_approximation={ours} bf16 against fp32 transformers {reference}: "
+              f"min cosine {cosine(embeddings[ours], references[reference]):.6f}, "
+              f"max abs {np.abs(embeddings[ours] - references[reference]).max():.2e}")
+    assert cosine(embeddings["tanh"], references["gelu_pytorch_tanh"]) >= 0.999
+
+
 ATTENTION_CASES = {
     "mixed": [1, 7, 128, 129, 512, 2, 300],
     "short queries": [int(n) for n in np.random.default_rng(3).integers(1, 40, 300)],

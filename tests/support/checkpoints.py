@@ -40,8 +40,10 @@ def build_tiny_xlmr(
     max_seq_len: int = 40,
     masked_lm: bool = False,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> Path:
-    """A random XLM-R (pad_token_id=1, positions from 2) whose longest sequence is `max_seq_len`."""
+    """A random XLM-R (pad_token_id=1, positions from 2) whose longest sequence is `max_seq_len`;
+    `initializer_range` is the weights' standard deviation (HF's default 0.02)."""
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaModel
 
     tokenizer = xlmr_tokenizer(vocab_size=250)
@@ -57,6 +59,7 @@ def build_tiny_xlmr(
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,
+        initializer_range=initializer_range,
     )
     model = (XLMRobertaForMaskedLM if masked_lm else XLMRobertaModel)(config)
     _randomize_layer_norms(model)

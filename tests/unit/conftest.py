@@ -21,10 +21,11 @@ TINY_XLMR_MAX_SEQ_LEN = 40  # max_position_embeddings 42 = pad_token_id + 1 + 40
 # --- references: transformers and sentence-transformers semantics ----------------------------
 
 
-def hf_last_hidden_state(model_path, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
+def hf_last_hidden_state(model_path, input_ids: np.ndarray, attention_mask: np.ndarray, **config_overrides) -> torch.Tensor:
+    """transformers' last hidden state in float32; `config_overrides` replace config.json values."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_path, attn_implementation="eager", dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(model_path, attn_implementation="eager", dtype=torch.float32, **config_overrides).eval()
     with torch.no_grad():
         output = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
     return output.last_hidden_state  # [n, L, H]

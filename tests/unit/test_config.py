@@ -76,7 +76,7 @@ def test_defaults_are_the_design_table():
     assert config == ServingConfig()
     expected = dict(model="", revision="main", dtype="auto", pooling="auto", normalize=None, max_batch_tokens=16384,
                     max_seq_len=0, attention="auto", adapter_root="", adapter_preload=(), max_adapters=64,
-                    max_lora_rank=64, allow_hub_adapters=False, merge_adapter="")
+                    max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="none")
     assert {name: getattr(config, name) for name in expected} == expected
 
 
@@ -139,6 +139,7 @@ def test_unknown_parameter_names_are_rejected():
         ("max_seq_len", "-1", r"max_seq_len=-1 is below the minimum 0"),
         ("max_adapters", "2.5", r"max_adapters='2.5' is not an integer"),
         ("max_lora_rank", "0", r"max_lora_rank=0 is below the minimum 1"),
+        ("gelu_approximation", "erf", r"gelu_approximation='erf' is not one of none, tanh"),
     ],
 )
 @pytest.mark.parametrize("source", ["parameter", "environment"])
@@ -205,6 +206,16 @@ def test_bad_request_options(parameters, match):
 def test_model_settings_without_sentence_transformers_files(tiny_xlmr_path):
     settings = ModelSettings.resolve(ServingConfig.from_parameters({"model": str(tiny_xlmr_path)}, environ={}))
     assert (settings.pooling, settings.default_normalize, settings.max_seq_len) == ("cls", False, 40)
+
+
+@pytest.mark.parametrize("hidden_act, approximation, expected", [
+    ("gelu", "tanh", "gelu_pytorch_tanh"), ("gelu", "none", "gelu"), ("gelu_new", "tanh", "gelu_new"), ("relu", "tanh", "relu"),
+])
+def test_gelu_approximation_replaces_only_the_exact_gelu(hidden_act, approximation, expected):
+    config = EncoderConfig.from_hf({"model_type": "bert", "vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+                                    "num_attention_heads": 1, "intermediate_size": 8, "hidden_act": hidden_act,
+                                    "max_position_embeddings": 8})
+    assert config.with_gelu_approximation(approximation).hidden_act == expected
 
 
 def test_model_settings_overrides(tiny_xlmr_path):

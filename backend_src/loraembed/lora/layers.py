@@ -223,10 +223,9 @@ class SegmentedLoraLinear(nn.Linear):
         the output's consumer is a `fused_ops` kernel that adds the delta in its own pass; the
         delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`)."""
         state = self.batch_state
-        if not (self.rank_capacity if state.graph_capture else self.lora_slot_bits & state.slot_bits):
-            return F.linear(x, self.weight, self.bias), None  # [T, out]
-        if state.merged_slot is not None:
-            return F.linear(x, self._merged_weight(state.merged_slot), self.bias), None
+        weight = self.batch_weight()
+        if weight is not None:
+            return F.linear(x, weight, self.bias), None  # [T, out]
         output = F.linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
@@ -243,6 +242,17 @@ class SegmentedLoraLinear(nn.Linear):
         segments = [segment for segment in state.segments if self.slot_has_lora[segment.slot]]
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output, None
+
+    def batch_weight(self) -> torch.Tensor | None:
+        """The weight [out, in] that gives this batch's output in one plain GEMM: the base weight when
+        no token of the batch has a LoRA here, the merged W + B A of a batch planned as merged; None
+        when the batch needs the segmented LoRA (`forward_deferred`)."""
+        state = self.batch_state
+        if not (self.rank_capacity if state.graph_capture else self.lora_slot_bits & state.slot_bits):
+            return self.weight
+        if state.merged_slot is not None:
+            return self._merged_weight(state.merged_slot)
+        return None
 
     def _merged_weight(self, slot: int | torch.Tensor) -> torch.Tensor:
         """W + B[slot] A[slot] per output slice, into the shared scratch weight [out, in]; `slot` is
