@@ -1,14 +1,15 @@
 """In-process encoder throughput on one GPU, against `transformers` measured in the same run.
 
     python benchmarks/encoder_bench.py [--models xlmr-base,xlmr-large,minilm] [--modes base,...]
-        [--attention flash_attn,torch_varlen] [--gelu-approximation none,tanh] [--tokens 400000] [--out benchmarks]
+        [--attention flash_attn,torch_varlen] [--gelu-approximation auto,none] [--tokens 400000] [--out benchmarks]
 
 Workloads (token lengths drawn once, arrival order random): queries (lognormal, median 16, 4-64),
 passages (median 120, 16-512), long (median 400, up to 512). Our engine packs at most
 --max-batch-tokens tokens per forward. Baselines: transformers fp16 + SDPA on padded batches of 64
 in arrival order, and on length-sorted batches of 256 (what sentence-transformers does offline).
 Prints a table (tokens/s, sequences/s, share of the matmul bound, peak memory) with the card and
-the date, and writes RESULTS.md and a PNG plot under --out.
+the date, and writes RESULTS.md and a PNG plot under --out. The engine's default GELU (auto: the
+tanh approximation in the GEMM's epilogue in bf16 on a GPU) unless --gelu-approximation says others.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from loraembed.engine import EmbeddingEngine, EncoderRequest  # noqa: E402
 from loraembed.packing import SequenceRef, build_packed_batch, plan_batches  # noqa: E402
 from loraembed.pooling import pool  # noqa: E402
 
+GELU_LABELS = {"auto": "", "none": ", exact GELU", "tanh": ", tanh GELU"}  # the system column per gelu_approximation
 MATMUL_BOUND_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (ENVIRONMENT.md)
 WORKLOADS = {
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
@@ -294,8 +296,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent))
     parser.add_argument("--profile", action="store_true", help="write a kernel profile of each forward measurement to --out")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--gelu-approximation", default="none",
-                        help="none, tanh or none,tanh: the engine's gelu_approximation; tanh runs with the first --attention only")
+    parser.add_argument("--gelu-approximation", default="auto",
+                        help="the engine's gelu_approximation, a comma list (auto,none): values after the first run with the first --attention only")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -328,16 +330,17 @@ def main() -> None:
             lengths = draw_lengths(workload, args.tokens, rng)
             if model_name == "minilm":
                 lengths = [min(n, 256) for n in lengths]
-            runs = [(attention, approximation) for approximation in args.gelu_approximation.split(",")
-                    for attention in (attentions if approximation == "none" else attentions[:1])]
+            approximations = args.gelu_approximation.split(",")
+            runs = [(attention, approximation) for approximation in approximations
+                    for attention in (attentions if approximation == approximations[0] else attentions[:1])]
             for attention, approximation in runs:
                 engine = make_engine(path, attention, args.max_batch_tokens, gelu_approximation=approximation)
                 config = engine.settings.encoder_config
-                label = attention if approximation == "none" else f"{attention}, tanh GELU"
+                label = attention + GELU_LABELS[approximation]
                 bos, eos = (0, 2) if config.position_offset else (101, 102)
                 sequences = random_sequences(lengths, config.vocab_size, rng, bos, eos)
                 flops = encoder_flops(config, lengths)
-                profile_file = (Path(args.out) / f"profile-{model_name}-{workload}-{label.replace(', tanh GELU', '-tanh')}.txt"
+                profile_file = (Path(args.out) / f"profile-{model_name}-{workload}-{attention}-gelu-{approximation}.txt"
                                 if args.profile else None)
                 result = measure_engine(engine, sequences, [""] * len(sequences), args.repeats, profile_file)
                 for kind in ("forward", "engine"):
@@ -436,11 +439,10 @@ def plot(rows: list[dict], card: str, date: str, file: Path) -> None:
     left.legend(fontsize=7)
     counts = {"base": 0, "1 adapter": 1, "8 adapters": 8, "64 adapters": 64}
     for model, workload in sorted({(r["model"], r["workload"]) for r in rows if r["mode"] != "base"}):
-        points = sorted(
-            (counts[r["mode"]], r["tokens_per_s"] / 1e6) for r in rows
-            if (r["model"], r["workload"]) == (model, workload) and r["mode"] in counts
-            and r["system"].startswith("loraembed forward") and ("flash" in r["system"] or "varlen" in r["system"])
-        )
+        ours = [r for r in rows if (r["model"], r["workload"]) == (model, workload) and r["system"].startswith("loraembed forward")]
+        adapter_systems = {r["system"] for r in ours if r["mode"] != "base"}  # the base point of the same system
+        points = sorted((counts[r["mode"]], r["tokens_per_s"] / 1e6) for r in ours
+                        if r["mode"] in counts and r["system"] in adapter_systems)
         points = list(dict(points).items())
         right.plot([str(c) for c, _ in points], [v for _, v in points], marker="o", label=f"{model} {workload}")
     right.set_xlabel("distinct adapters in the batch")

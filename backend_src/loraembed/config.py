@@ -153,8 +153,9 @@ class ServingConfig:
     cuda_graph_max_tokens: int = 16384  # batches up to this size (adapters too) replay CUDA graphs; 0: never
     cpu_threads: int = 0  # torch threads of an instance; 0: 1 on a GPU, half the cores on a CPU (tokenizers share them)
     # "tanh": a checkpoint's exact GELU ("gelu") runs as the tanh approximation, which cuBLASLt applies
-    # in the intermediate GEMM's epilogue instead of a separate pass (TEI's choice for every GELU).
-    gelu_approximation: str = "none"
+    # in the intermediate GEMM's epilogue instead of a separate pass; "auto": tanh in bfloat16 on a
+    # GPU, where bfloat16's rounding hides the difference (README), exact elsewhere; "none": exact.
+    gelu_approximation: str = "auto"
 
     ENV_PREFIX = "LORAEMBED_"
 
@@ -199,7 +200,7 @@ class ServingConfig:
             "max_texts_per_request": lambda v: _parse_int("max_texts_per_request", v, 1),
             "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
             "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
-            "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("none", "tanh")),
+            "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("auto", "none", "tanh")),
         }
         values = {}
         problems = []

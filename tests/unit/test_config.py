@@ -76,7 +76,7 @@ def test_defaults_are_the_design_table():
     assert config == ServingConfig()
     expected = dict(model="", revision="main", dtype="auto", pooling="auto", normalize=None, max_batch_tokens=16384,
                     max_seq_len=0, attention="auto", adapter_root="", adapter_preload=(), max_adapters=64,
-                    max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="none")
+                    max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="auto")
     assert {name: getattr(config, name) for name in expected} == expected
 
 
@@ -139,7 +139,7 @@ def test_unknown_parameter_names_are_rejected():
         ("max_seq_len", "-1", r"max_seq_len=-1 is below the minimum 0"),
         ("max_adapters", "2.5", r"max_adapters='2.5' is not an integer"),
         ("max_lora_rank", "0", r"max_lora_rank=0 is below the minimum 1"),
-        ("gelu_approximation", "erf", r"gelu_approximation='erf' is not one of none, tanh"),
+        ("gelu_approximation", "erf", r"gelu_approximation='erf' is not one of auto, none, tanh"),
     ],
 )
 @pytest.mark.parametrize("source", ["parameter", "environment"])

@@ -57,7 +57,8 @@ def test_gelu_approximation_tanh_runs_transformers_tanh_gelu(tmp_path, make_engi
     intermediate values reach where the two differ)."""
     path = build_tiny_xlmr(tmp_path / "wide", max_seq_len=TINY_XLMR_MAX_SEQ_LEN, initializer_range=0.3)
     engine = make_engine(path, pooling="mean", gelu_approximation="tanh")
-    assert engine.settings.encoder_config.hidden_act == "gelu_pytorch_tanh"
+    assert engine.model.config.hidden_act == "gelu_pytorch_tanh"
+    assert make_engine(path, pooling="mean").model.config.hidden_act == "gelu"  # auto on a CPU: exact
     input_ids, attention_mask = pad_right(token_sequences(engine.settings.encoder_config, PARITY_LENGTHS, seed=7), 1)
     [embeddings] = engine.embed([EncoderRequest(input_ids, attention_mask, parameters={"normalize": False})])
     expected, exact = (
