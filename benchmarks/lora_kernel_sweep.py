@@ -119,25 +119,20 @@ def main() -> None:
         rank_total = a.shape[1]
         out = torch.empty(tokens, rank_total, device=device)
         current_r = min(64, max(16, triton.next_power_of_2(rank_total)))
-        settings = [(current_r, sgmv_triton.SHRINK_BLOCK_K, 4, 3, BLOCK_T, 1)] + [
-            (current_r, block_k, warps, stages, rows_per, split_k)
-            for block_k, warps, stages, rows_per, split_k in itertools.product(
-                (64, 128, 256), (2, 4), (3,), (16, 32, 64), (1, 2, 4))
-            if rows_per * block_k <= 16384 and source.shape[1] // split_k >= block_k
+        settings = [(current_r, sgmv_triton.SHRINK_BLOCK_K, 4, 3)] + [
+            (block_r, block_k, warps, stages)
+            for block_r, block_k, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3, 4))
+            if block_r <= max(16, triton.next_power_of_2(rank_total))
         ]
-        rows.append((name, "one read of the input, no LoRA (bound)", microseconds(lambda source=source: source.sum(1))))
 
-        def shrink(block_r, block_k, warps, stages, rows_per, split_k, source=source, a=a, out=out):
-            if split_k > 1:
-                out.zero_()
-            sgmv_triton._sgmv_shrink_kernel[(blocks, (BLOCK_T // rows_per) * triton.cdiv(a.shape[1], block_r), split_k)](
+        def shrink(block_r, block_k, warps, stages, source=source, a=a, out=out):
+            sgmv_triton._sgmv_shrink_kernel[(blocks, triton.cdiv(a.shape[1], block_r))](
                 source, a, out, table, source.shape[1], a.shape[1],
                 source.stride(0), a.stride(0), a.stride(1), out.stride(0),
-                BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, ROWS=rows_per, SPLIT_K=split_k,
-                num_warps=warps, num_stages=stages,
+                BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
             )
-        sweep(rows, name, settings, shrink,
-              lambda r, k, w, s, t, sk: f"ROWS={t} SPLIT_K={sk} BLOCK_R={r} BLOCK_K={k} warps={w} stages={s}")
+        rows.append((name, "one read of the input, no LoRA (bound)", microseconds(lambda source=source: source.sum(1))))
+        sweep(rows, name, settings, shrink, lambda r, k, w, s: f"BLOCK_R={r} BLOCK_K={k} warps={w} stages={s}")
 
     # Q/K/V expand into the fused projection's output (read-modify-write).
     def expand(block_n, warps, stages):

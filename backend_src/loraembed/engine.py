@@ -171,7 +171,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_gelu_approximation(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """"auto": "tanh" for bfloat16 on CUDA (cuBLASLt's GELU epilogue; the approximation's largest
-    difference, 4.7e-4 at x = 2.70, is 1/16 of bfloat16's rounding step there), else "none"."""
+    difference, 4.7e-4 at x = 2.70, is 1/16 of bfloat16's largest rounding error there), else "none"."""
     if name == "auto":
         return "tanh" if device.type == "cuda" and dtype == torch.bfloat16 else "none"
     return name

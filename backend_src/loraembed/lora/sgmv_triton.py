@@ -96,42 +96,29 @@ if triton is not None:
         in_features, rank_total,
         stride_x, stride_a_slot, stride_a_rank, stride_out,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
-        # One program: ROWS of a block's tokens (ROWS divides BLOCK_T), one chunk of BLOCK_R ranks, and
-        # 1/SPLIT_K of the input features; with SPLIT_K > 1 the partial sums are added atomically into a
-        # zeroed `out`.
         block = tl.program_id(0)
-        rows_in_block = BLOCK_T // ROWS
-        part = tl.program_id(1) % rows_in_block
-        rank_block = tl.program_id(1) // rows_in_block
+        rank_block = tl.program_id(1)
         token_start = tl.load(table_ptr + 3 * block)
         token_end = tl.load(table_ptr + 3 * block + 1)
-        first = token_start + part * ROWS
-        if first >= token_end:  # an unused entry of a CUDA graph's fixed-size table, or a short block
+        if token_end <= token_start:  # an unused entry of a CUDA graph's fixed-size table
             return
         slot = tl.load(table_ptr + 3 * block + 2).to(tl.int64)
-        tokens = first + tl.arange(0, ROWS)  # [ROWS]
+        tokens = token_start + tl.arange(0, BLOCK_T)  # [BT]
         ranks = rank_block * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
         token_mask = tokens < token_end
         rank_mask = ranks < rank_total
-        x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x  # [ROWS, 1]
+        x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x  # [BT, 1]
         a_rows = a_ptr + slot * stride_a_slot + ranks[None, :] * stride_a_rank  # [1, BR]
-        k_per_split = tl.cdiv(tl.cdiv(in_features, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_first = tl.program_id(2) * k_per_split
-        k_last = tl.minimum(k_first + k_per_split, in_features)
-        acc = tl.zeros((ROWS, BLOCK_R), dtype=tl.float32)
-        for k_start in range(k_first, k_last, BLOCK_K):
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k_start in range(0, in_features, BLOCK_K):
             k = k_start + tl.arange(0, BLOCK_K)
-            k_mask = k < k_last
-            x_tile = tl.load(x_rows + k[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0)  # [ROWS, BK]
+            k_mask = k < in_features
+            x_tile = tl.load(x_rows + k[None, :], mask=token_mask[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
             a_tile = tl.load(a_rows + k[:, None], mask=k_mask[:, None] & rank_mask[None, :], other=0.0)  # [BK, BR]
             acc += tl.dot(x_tile, a_tile)
         out = out_ptr + tokens.to(tl.int64)[:, None] * stride_out + ranks[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc, mask=token_mask[:, None] & rank_mask[None, :])
-        else:
-            tl.atomic_add(out, acc, mask=token_mask[:, None] & rank_mask[None, :], sem="relaxed")
+        tl.store(out, acc, mask=token_mask[:, None] & rank_mask[None, :])
 
     @triton.jit
     def _sgmv_expand_kernel(
@@ -229,7 +216,7 @@ def sgmv_shrink(x: torch.Tensor, lora_a_cat: torch.Tensor, block_table: torch.Te
         x, lora_a_cat, shrunk, block_table,
         x.shape[1], rank_total,
         x.stride(0), lora_a_cat.stride(0), lora_a_cat.stride(1), shrunk.stride(0),
-        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, ROWS=BLOCK_T, SPLIT_K=1, num_warps=4,
+        BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=SHRINK_BLOCK_K, num_warps=4,
     )
     return shrunk
 
