@@ -3,7 +3,7 @@ packed batch of 16,384 tokens, for base rows only, every row on 1 adapter, and 6
 on all six targets mixed uniformly; the old path against the new one, in the same run.
 
     python benchmarks/lora_fusion_bench.py [--workloads queries,passages] [--repeats 20]
-        [--attention auto] [--out FILE.md]
+        [--attention auto] [--gelu-approximation auto] [--out FILE.md]
     python benchmarks/lora_fusion_bench.py --device cpu --layers 2 --hidden 64 --tokens 500 --adapters 4
         (a smoke run of this program without a GPU: CPU reference paths, host clock only)
 
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
 from loraembed.attention import select_attention_backend  # noqa: E402
 from loraembed.config import EncoderConfig  # noqa: E402
 from loraembed.encoder import PackedEncoder  # noqa: E402
+from loraembed.engine import resolve_gelu_approximation  # noqa: E402
 from loraembed.lora.layers import LoraLayers  # noqa: E402
 from loraembed.packing import SequenceRef, build_packed_batch  # noqa: E402
 
@@ -69,6 +70,9 @@ def build_model(args) -> tuple[PackedEncoder, LoraLayers]:
         num_attention_heads=args.hidden // 64, intermediate_size=4 * args.hidden, max_position_embeddings=514,
         type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5,
     ))
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    config = config.with_gelu_approximation(resolve_gelu_approximation(args.gelu_approximation, DEVICE, dtype))
+    args.activation = config.hidden_act
     torch.manual_seed(0)
     with DEVICE:
         model = PackedEncoder(config, args.attention)
@@ -149,6 +153,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="as the engine's `attention` parameter")
     parser.add_argument("--out", default="", help="also write the table to this Markdown file")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--gelu-approximation", default="auto", help="as the engine's `gelu_approximation` parameter")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -201,7 +206,7 @@ def report(rows: list[dict], args) -> None:
     card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (smoke run)"
     lines = [
         f"card: {card}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}   "
-        f"attention {args.attention}   {args.layers} layers x {args.hidden}, rank {args.rank}, "
+        f"attention {args.attention}   activation {args.activation}   {args.layers} layers x {args.hidden}, rank {args.rank}, "
         f"{'bf16' if DEVICE.type == 'cuda' else 'fp32'}",
         "",
         "| workload | mode | path | tokens | wall ms | GPU ms | host ms | device ops | M tokens/s (wall) "
