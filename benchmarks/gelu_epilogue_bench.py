@@ -16,14 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.testing
+
+from lora_kernel_sweep import microseconds, write_table  # this folder: the same timing and output
 
 SHAPES = {"xlmr-base": (768, 3072), "xlmr-large": (1024, 4096), "minilm": (384, 1536)}
-
-
-def microseconds(function) -> float:
-    return triton.testing.do_bench(function, warmup=25, rep=200, return_mode="median") * 1e3
 
 
 def main() -> None:
@@ -54,10 +50,7 @@ def main() -> None:
             y = run().float()
             errors = ("", "") if "alone" in way else (f"{(y - exact).abs().max():.1e}", f"{(y - tanh).abs().max():.1e}")
             lines.append(f"| {model} | {way} | {times[way]:.1f} | {baseline / times[way]:.2f}x | {errors[0]} | {errors[1]} |")
-    text = "\n".join(lines)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,6 @@ def build_model(args) -> tuple[PackedEncoder, LoraLayers]:
     ))
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     config = config.with_gelu_approximation(resolve_gelu_approximation(args.gelu_approximation, DEVICE, dtype))
-    args.activation = config.hidden_act
     torch.manual_seed(0)
     with DEVICE:
         model = PackedEncoder(config, args.attention)
@@ -199,14 +198,14 @@ def main() -> None:
             if len(outputs) == 2:  # the two paths compute the same thing
                 old, new = outputs["old"], outputs["new"]
                 print(f"         {mode}: new vs old relative difference {((new - old).norm() / old.norm()).item():.2e}")
-    report(rows, args)
+    report(rows, args, model.config.hidden_act)
 
 
-def report(rows: list[dict], args) -> None:
+def report(rows: list[dict], args, activation: str) -> None:
     card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (smoke run)"
     lines = [
         f"card: {card}   date: {datetime.date.today().isoformat()}   torch {torch.__version__}   "
-        f"attention {args.attention}   activation {args.activation}   {args.layers} layers x {args.hidden}, rank {args.rank}, "
+        f"attention {args.attention}   activation {activation}   {args.layers} layers x {args.hidden}, rank {args.rank}, "
         f"{'bf16' if DEVICE.type == 'cuda' else 'fp32'}",
         "",
         "| workload | mode | path | tokens | wall ms | GPU ms | host ms | device ops | M tokens/s (wall) "

@@ -44,6 +44,13 @@ def microseconds(function) -> float:
     return triton.testing.do_bench(function, warmup=25, rep=200, return_mode="median") * 1e3
 
 
+def write_table(text: str, out: Path | None) -> None:
+    """Print a finished table last, and also write it to `out` if given."""
+    if out:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def sweep(rows: list, kernel: str, settings: list[tuple], launch, describe) -> None:
     """Time `launch(*setting)` for each setting (the first is the code's current one) into `rows`;
     settings the GPU cannot run (out of shared memory, registers) are reported on stderr."""
@@ -192,10 +199,7 @@ def main() -> None:
             row for row in measured if not any(mark in row[1] for mark in marked)][:5]
         for _, setting, time_us in sorted(shown, key=lambda row: row[2]):
             lines.append(f"| {kernel} | {setting} | {time_us:.1f} | {time_us / current[kernel]:.2f} |")
-    text = "\n".join(lines)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_table("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
