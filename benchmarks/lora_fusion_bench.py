@@ -1,6 +1,6 @@
 """LoRA paths on one GPU: the layer stack of a random-weight XLM-R base (12 x 768, bf16) over one
 packed batch of 16,384 tokens, for base rows only, every row on 1 adapter, and 64 rank-16 adapters
-on all six targets mixed uniformly; the old path against the new one, in the same run.
+on all six targets mixed uniformly; three LoRA paths in the same run.
 
     python benchmarks/lora_fusion_bench.py [--workloads queries,passages] [--repeats 20]
         [--attention auto] [--gelu-approximation auto] [--out FILE.md]
@@ -10,7 +10,9 @@ on all six targets mixed uniformly; the old path against the new one, in the sam
 Paths (`LoraLayers` flags, see lora/layers.py): "old" = base GEMM, shrink and expand into every
 output (read-modify-write), then GELU / residual + LayerNorm; "new" = the expand of
 attention.output.dense, intermediate.dense and output.dense fused into their consumer kernel, and a
-batch of one adapter merged per linear (W + B A into a scratch weight, one GEMM, no shrink/expand).
+batch of one adapter merged per linear (W + B A into a scratch weight, one GEMM, no shrink/expand);
+"fused" (the default on an sm_90 GPU) = "new", but mixed-adapter batches run the shrink and then
+a Triton GEMM that adds the expand in its epilogue, activation after (lora/lora_gemm_triton.py).
 
 Columns: "wall" = CUDA events around back-to-back forwards (what one stream gets, host launch gaps
 included); "GPU" = the same forward queued behind a sleep kernel, so the device never waits for the
@@ -44,9 +46,10 @@ WORKLOADS = {  # as encoder_bench.py: lognormal token lengths
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
     "passages": dict(median=120, low=16, high=512, sigma=0.7),
 }
-PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter)
-    "old": (True, False, False),
-    "new": (True, True, True),
+PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter, fuse_expand)
+    "old": (True, False, False, False),
+    "new": (True, True, True, False),
+    "fused": (True, True, True, True),
 }
 
 
@@ -176,10 +179,10 @@ def main() -> None:
                 hidden = model.embeddings(batch.input_ids, batch.position_ids)  # [T, H]
             outputs = {}
             for path, flags in PATHS.items():
-                if mode == "base" and path == "new":
-                    continue  # base batches take the plain path either way
+                if (mode == "base" and path != "old") or (mode == "1 adapter" and path == "fused"):
+                    continue  # base batches take the plain path, one-adapter batches "new"'s merge, either way
                 path = "plain" if mode == "base" else path
-                layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter = flags
+                layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter, layers.fuse_expand = flags
 
                 @torch.inference_mode()
                 def forward(batch=batch, hidden=hidden):
@@ -195,9 +198,11 @@ def main() -> None:
                 print(f"{workload:8s} {mode:12s} {path}: wall {timing['wall']:.2f} ms, GPU {timing['gpu']:.2f} ms, "
                       f"host {timing['host']:.2f} ms, {timing['ops']} device ops", flush=True)
             layers.deactivate()
-            if len(outputs) == 2:  # the two paths compute the same thing
-                old, new = outputs["old"], outputs["new"]
-                print(f"         {mode}: new vs old relative difference {((new - old).norm() / old.norm()).item():.2e}")
+            for path in ("new", "fused"):  # the paths compute the same thing
+                if path in outputs:
+                    old, other = outputs["old"], outputs[path]
+                    print(f"         {mode}: {path} vs old relative difference "
+                          f"{((other - old).norm() / old.norm()).item():.2e}")
     report(rows, args, model.config.hidden_act)
 
 

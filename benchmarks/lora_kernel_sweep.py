@@ -103,7 +103,7 @@ def main() -> None:
     kernels = set(args.kernels.split(","))
     torch.manual_seed(0)
     device, dtype, tokens, rank, slots = torch.device("cuda"), torch.bfloat16, args.tokens, args.rank, args.adapters + 1
-    table, token_slots = build_lora_batch_tables(segments_of(tokens, args.adapters), device, with_token_slots=True)
+    table, token_slots, _ = build_lora_batch_tables(segments_of(tokens, args.adapters), device, with_token_slots=True)
     x = torch.randn(tokens, HIDDEN, device=device, dtype=dtype)
     wide = torch.randn(tokens, INTERMEDIATE, device=device, dtype=dtype)
     residual = torch.randn_like(x)

@@ -18,8 +18,9 @@ the longest sequence, so for it that part of the key is constant (fewer buckets,
 
 Batches with adapter rows are graphed too, under a fourth part of the key, the LoRA plan
 (`LoraLayers.graph_plan`): "merged" (one adapter: its slot is a graph input, W + B A is merged per
-linear inside the graph) or "tables" (the block table and the per-token slots are graph inputs, of
-a fixed size per bucket, unused entries empty). Loading an adapter that reallocates LoRA buffers
+linear inside the graph), "tables" (the block table and the per-token slots are graph inputs, of
+a fixed size per bucket, unused entries empty) or "fused tables" (the same and the tile table of
+the GEMMs that add the expand in their epilogue, `lora/lora_gemm_triton.py`). Loading an adapter that reallocates LoRA buffers
 drops these graphs (they read the old buffers); loading one into existing buffers does not (the
 graphs read the slots' current weights). The eager path (`PackedEncoder.forward` + `pool`, with
 the layers planned on the host) is the reference the GPU tests compare the replay with.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from .encoder import PackedEncoder
+from .lora.lora_gemm_triton import MAX_RUNS, TILE_ROWS, max_runs_bound, tile_slot_table
 from .lora.sgmv_triton import lora_batch_table_arrays, max_lora_blocks
 from .packing import HostPackedArrays, PackedBatch, adapter_segments
 from .pooling import pool
@@ -41,6 +43,7 @@ from .pooling import pool
 MIN_TOKENS, MIN_SEQUENCES, MIN_SEQLEN = 64, 8, 32
 MAX_GRAPHS = 24
 BASE_PLAN = "base"  # the key's LoRA plan for base-model batches
+FUSED_TABLES_PLAN = "fused tables"  # "tables" with the expands in the GEMMs' epilogues
 
 GraphKey = tuple[int, int, int, str]  # (tokens, sequences, longest sequence, LoRA plan)
 
@@ -95,7 +98,7 @@ class GraphedForward:
             return None
         plan = BASE_PLAN
         if host.slots.any():
-            plan = self._lora_plan(host.slots)
+            plan = self._lora_plan(host.slots, host.cu_seqlens)
             if plan is None:
                 return None
         key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()), plan)
@@ -106,7 +109,7 @@ class GraphedForward:
         self._sightings[key] = self._sightings.get(key, 0) + 1
         return key if self._sightings[key] >= 2 else None
 
-    def _lora_plan(self, slots: np.ndarray) -> str | None:
+    def _lora_plan(self, slots: np.ndarray, cu_seqlens: np.ndarray) -> str | None:
         if self.lora_layers is None:
             return None
         generation = self.lora_layers.buffer_generation
@@ -116,7 +119,12 @@ class GraphedForward:
             self._lora_generation = generation
         if np.count_nonzero(np.diff(slots)) + 1 > self._segment_capacity(_bucket(len(slots) + 1, MIN_SEQUENCES)):
             return None  # more adapter segments than the bucket's block table holds
-        return self.lora_layers.graph_plan(slots)
+        plan = self.lora_layers.graph_plan(slots)
+        if plan == "tables" and self.lora_layers.fuse_expand:
+            segment_starts = cu_seqlens[np.flatnonzero(np.diff(slots)) + 1]
+            if max_runs_bound(np.append(segment_starts, 0)) <= MAX_RUNS:  # the tile table holds the batch
+                return FUSED_TABLES_PLAN
+        return plan
 
     def _segment_capacity(self, bucket_sequences: int) -> int:
         """Adapter segments a bucket's block table is sized for: the engine groups rows by slot, so a
@@ -141,6 +149,8 @@ class GraphedForward:
         if plan != BASE_PLAN:
             blocks = max_lora_blocks(tokens, self._segment_capacity(sequences))
             sizes.update(merged_slot=1, block_table=3 * blocks, token_slots=tokens)
+            if plan == FUSED_TABLES_PLAN:
+                sizes.update(tile_slots=-(-tokens // TILE_ROWS) * (1 + MAX_RUNS))
         layout, offset = {}, 0
         for name, size in sizes.items():
             layout[name] = slice(offset, offset + size)
@@ -181,6 +191,10 @@ class GraphedForward:
             table, token_slots = lora_batch_table_arrays(adapter_segments(host.slots, host.cu_seqlens), True)
             fill("block_table", table.ravel(), 0)  # unused entries: empty blocks
             fill("token_slots", token_slots, 0)  # padding tokens: the base model
+            if plan == FUSED_TABLES_PLAN:  # over the bucket's tokens: padding tiles hold no adapter
+                segments = adapter_segments(host.slots, host.cu_seqlens)
+                tiles = tile_slot_table([(s.slot, s.token_start, s.token_end) for s in segments], key[0])
+                fill("tile_slots", tiles.ravel(), 0)
         # Stream order: the copy runs after the previous replay has read its inputs.
         captured.device_input.copy_(captured.host_inputs[turn], non_blocking=True)
         captured.copied[turn].record()
@@ -206,7 +220,7 @@ class GraphedForward:
         host_inputs = tuple(torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2))
         device_input = torch.zeros(size, dtype=torch.int64, device=device)
         # The int32 inputs are converted inside the graph, from their int64 staging.
-        int32_inputs = [name for name in ("cu_seqlens", "block_table", "token_slots") if name in layout]
+        int32_inputs = [name for name in ("cu_seqlens", "block_table", "token_slots", "tile_slots") if name in layout]
         int32 = {name: torch.zeros(layout[name].stop - layout[name].start, dtype=torch.int32, device=device)
                  for name in int32_inputs}
         batch = PackedBatch(
@@ -222,8 +236,10 @@ class GraphedForward:
         batch.position_ids.fill_(self.position_offset)  # valid positions for the warm-up runs
 
         if plan != BASE_PLAN:
+            tile_slots = int32["tile_slots"].view(-1, 1 + MAX_RUNS) if "tile_slots" in int32 else None
             self.lora_layers.capture(
-                plan, device_input[layout["merged_slot"]], int32["block_table"].view(-1, 3), int32["token_slots"]
+                plan, device_input[layout["merged_slot"]], int32["block_table"].view(-1, 3), int32["token_slots"],
+                tile_slots,
             )
 
         def forward() -> torch.Tensor:

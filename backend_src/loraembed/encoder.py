@@ -32,11 +32,15 @@ def _add_layer_norm(
 def _linear_activation(linear: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
     """activation(linear(x)), a LoRA delta added before the activation: one GEMM with the activation
     in its epilogue where the batch's weight is one plain matrix and the activation has an epilogue
-    (`fused_ops.linear_activation`), else the GEMM and then one pass that adds the delta too."""
+    (`fused_ops.linear_activation`), or where the LoRA layer fuses the expand into its GEMM
+    (`fused_lora_output`), else the GEMM and then one pass that adds the delta too."""
     batch_weight = getattr(linear, "batch_weight", None)
     weight = linear.weight if batch_weight is None else batch_weight()
     if weight is not None:
         return linear_activation(x, weight, linear.bias, activation)
+    fused = linear.fused_lora_output(x, activation)  # the LoRA's expand in the GEMM's epilogue
+    if fused is not None:
+        return fused
     output, lora = linear.forward_deferred(x)
     if lora is None:  # the LoRA already added by the layer (a fused projection's path, the CPU reference)
         return ACTIVATIONS[activation](output)

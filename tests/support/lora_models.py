@@ -64,7 +64,9 @@ def packed_batch(lengths: list[int], slots: list[int], device: str, seed: int = 
 
 def set_plan(layers: LoraLayers, plan: str) -> None:
     """"reference" (per-segment matmuls), "tables" (shrink/expand over a block table), "deferred"
-    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W)."""
-    layers.use_block_tables = plan in ("tables", "deferred", "merged")
-    layers.defer_expand = plan in ("deferred", "merged")
-    layers.merge_single_adapter = plan == "merged"
+    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W), "fused"
+    (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel: the GPU default)."""
+    layers.use_block_tables = plan in ("tables", "deferred", "merged", "fused")
+    layers.defer_expand = plan in ("deferred", "merged", "fused")
+    layers.merge_single_adapter = plan in ("merged", "fused")
+    layers.fuse_expand = plan == "fused"

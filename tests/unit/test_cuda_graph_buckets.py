@@ -12,6 +12,7 @@ import pytest
 import loraembed.cuda_graphs as cuda_graphs
 from loraembed.cuda_graphs import GraphedForward
 from loraembed.lora.layers import LoraLayers
+from loraembed.lora import lora_gemm_triton
 from loraembed.lora.sgmv_triton import BLOCK_T, lora_batch_table_arrays
 from loraembed.packing import PackingRows, pack_rows
 
@@ -32,6 +33,7 @@ class KernelLoraLayers:
     num_slots = 5
     buffer_generation = 0
     use_block_tables = merge_single_adapter = True
+    fuse_expand = False  # the GPU's default is on where the fused GEMM runs; tested apart below
     graph_plan = LoraLayers.graph_plan
 
     def __init__(self):
@@ -79,9 +81,22 @@ def test_a_batch_with_more_segments_than_its_block_table_holds_runs_eagerly():
     assert forward.bucket(host_batch([16] * 9, [1] * 4 + [2] * 5)) == (256, 16, 512, "tables")
 
 
-@pytest.mark.parametrize("lengths, slots", [([16], [3]), ([200, 5, 64, 300], [0, 1, 1, 4]), ([64] * 30 + [1], [2] * 31)])
-def test_the_staging_layout_holds_every_batch_of_its_bucket(lengths, slots):
+def test_mixed_adapter_batches_fuse_the_expand_while_the_tile_table_holds_them():
     forward = graphed("triton_packed", lora_layers=KernelLoraLayers())
+    forward.lora_layers.fuse_expand = True
+    assert forward.bucket(host_batch([16, 16, 16], [0, 3, 4])) == (64, 8, 512, "fused tables")
+    assert forward.bucket(host_batch([16], [3])) == (64, 8, 512, "merged")  # one adapter: still merged
+    # 17 segments starting inside the first 128-row tile: more than the tile table may hold.
+    forward.lora_layers.num_slots = 40
+    many = host_batch([4] * (lora_gemm_triton.MAX_RUNS + 1), list(range(1, lora_gemm_triton.MAX_RUNS + 2)))
+    assert forward.bucket(many) == (128, 32, 512, "tables")
+
+
+@pytest.mark.parametrize("lengths, slots", [([16], [3]), ([200, 5, 64, 300], [0, 1, 1, 4]), ([64] * 30 + [1], [2] * 31)])
+@pytest.mark.parametrize("fuse_expand", [False, True])
+def test_the_staging_layout_holds_every_batch_of_its_bucket(lengths, slots, fuse_expand):
+    forward = graphed("triton_packed", lora_layers=KernelLoraLayers())
+    forward.lora_layers.fuse_expand = fuse_expand
     host = host_batch(lengths, slots)
     key = forward.bucket(host)
     layout = forward._layout(key)
@@ -92,6 +107,11 @@ def test_the_staging_layout_holds_every_batch_of_its_bucket(lengths, slots):
     assert table.size <= layout["block_table"].stop - layout["block_table"].start
     assert len(token_slots) <= layout["token_slots"].stop - layout["token_slots"].start == key[0]
     assert (table[:, 1] - table[:, 0]).max() <= BLOCK_T
+    if key[3] == "fused tables":  # the tile table over the bucket's tokens
+        tiles = lora_gemm_triton.tile_slot_table(
+            [(s.slot, s.token_start, s.token_end) for s in cuda_graphs.adapter_segments(host.slots, host.cu_seqlens)], key[0]
+        )
+        assert tiles.size == layout["tile_slots"].stop - layout["tile_slots"].start
 
 
 def test_when_full_a_bucket_is_graphed_from_its_second_sighting(monkeypatch):

@@ -1,17 +1,19 @@
 """The LoRA batch plans of `LoraLayers` on the CPU, in float64: the block-table shrink/expand, the
 expand deferred to the consumer (GELU / residual + LayerNorm, `fused_ops.LoraDelta`) and the
 single-adapter merge all equal the per-segment reference, for every activation, mixed ranks,
-zero-rank slots, base rows and empty segments. (The same plans with the Triton kernels:
-tests/gpu/test_lora_fusion.py.)"""
+zero-rank slots, base rows and empty segments; the tables they plan, and the fused GEMM's tile
+table. (The same plans with the Triton kernels: tests/gpu/test_lora_fusion.py.)"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import loraembed.encoder as encoder_module
 import loraembed.lora.layers as layers_module
 from loraembed.fused_ops import LoraDelta
+from loraembed.lora import lora_gemm_triton
 from loraembed.lora.layers import LoraLayers
 from loraembed.lora.sgmv_triton import BLOCK_T, build_lora_batch_tables
 from loraembed.packing import AdapterSegment
@@ -126,15 +128,23 @@ def test_linear_returns_the_delta_it_defers(model_and_layers):
 def test_batch_tables():
     segments = (AdapterSegment(0, 0, 10), AdapterSegment(2, 10, 10), AdapterSegment(2, 10, 10 + 2 * BLOCK_T + 3),
                 AdapterSegment(0, 10 + 2 * BLOCK_T + 3, 200), AdapterSegment(5, 200, 201))
-    table, token_slots = build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=True)
+    table, token_slots, tiles = build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=True,
+                                                        with_tile_slots=True)
     end = 10 + 2 * BLOCK_T + 3
     assert table.tolist() == [[10, 10 + BLOCK_T, 2], [10 + BLOCK_T, 10 + 2 * BLOCK_T, 2], [10 + 2 * BLOCK_T, end, 2],
                               [200, 201, 5]]
     assert token_slots.dtype == torch.int32
     assert token_slots.tolist() == [0] * 10 + [2] * (end - 10) + [0] * (200 - end) + [5]
     assert token_slots.data_ptr() % 16 == 0
-    assert build_lora_batch_tables(segments[:2], torch.device("cpu"), with_token_slots=True) == (None, None)
-    assert build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=False)[1] is None
+    # The fused GEMM's tile table: per 128-row tile the count of its adapters, then their slots.
+    assert tiles.dtype == torch.int32 and tiles.data_ptr() % 16 == 0
+    assert tiles[:, :3].tolist() == [[1, 2, 0], [2, 2, 5]]
+    assert not tiles[:, 3:].any()
+    assert build_lora_batch_tables(segments[:2], torch.device("cpu"), with_token_slots=True) == (None, None, None)
+    assert build_lora_batch_tables(segments, torch.device("cpu"), with_token_slots=False)[1:] == (None, None)
+    # The fused GEMM needs the token slots too, asked for or not.
+    _, token_slots, tiles = build_lora_batch_tables(segments, torch.device("cpu"), False, with_tile_slots=True)
+    assert token_slots.tolist() == [0] * 10 + [2] * (end - 10) + [0] * (200 - end) + [5] and tiles.shape == (2, 1 + lora_gemm_triton.MAX_RUNS)
 
 
 def test_adapter_load_fills_slots_as_module_by_module_would():
@@ -180,3 +190,20 @@ def test_adapter_load_fills_slots_as_module_by_module_would():
         assert linear.lora_slot_bits == expected.lora_slot_bits, name
     qkv = loaded.linears["encoder.layer.0.attention.self.qkv"]
     assert qkv.slot_ranks == [[0, 4, 0], [0, 0, 1], [0, 2, 0]]  # slot 2 holds only the narrow adapter's key
+
+
+def test_tile_table_counts_each_tiles_adapters():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        tokens = int(rng.integers(1, 3000))
+        cuts = sorted({0, tokens, *rng.integers(0, tokens, int(rng.integers(1, 60))).tolist()})
+        runs = [(int(rng.integers(0, 9)), start, end) for start, end in zip(cuts, cuts[1:])]
+        table = lora_gemm_triton.tile_slot_table(runs, tokens)
+        expected = [sorted({slot for slot, start, end in runs if slot and start < (tile + 1) * lora_gemm_triton.TILE_ROWS
+                            and end > tile * lora_gemm_triton.TILE_ROWS}) for tile in range(-(-tokens // lora_gemm_triton.TILE_ROWS))]
+        if max(map(len, expected)) > lora_gemm_triton.MAX_RUNS:
+            assert table is None
+            continue
+        assert table[:, 0].tolist() == list(map(len, expected))
+        assert [sorted(row[1 : 1 + row[0]].tolist()) for row in table] == expected
+        assert lora_gemm_triton.max_runs_bound(np.array([start for _, start, end in runs if end > start])) >= max(map(len, expected))

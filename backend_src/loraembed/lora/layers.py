@@ -13,15 +13,19 @@ slices, routed by `encoder.FUSED_PROJECTIONS` (vLLM's packed_modules_mapping).
 How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing syncs in the forward):
 - every row one adapter (no base rows): each linear merges W + B A of that slot into a scratch
   weight (one Triton pass over W; a batched addmm on the CPU) and runs one GEMM: no shrink, no expand;
-- mixed adapters (and base rows): the base GEMM, the shrink over a block table, and the expand,
-  which `forward_deferred` hands to the consumer's elementwise kernel (`fused_ops.LoraDelta`):
-  the GELU pass for intermediate.dense, residual + LayerNorm for the two other dense layers. The
-  fused Q/K/V output goes to attention, so its expand still accumulates into it;
+- mixed adapters (and base rows), on a GPU with TMA (sm_90): the shrink over a block table, then
+  one Triton GEMM that adds each token's expand in its epilogue, with the activation after it
+  (`lora_gemm_triton.py`; its tile table is planned with the block table);
+- mixed adapters elsewhere, or a batch with a tile of more adapters than that table holds: the
+  base GEMM, the shrink, and the expand, which `forward_deferred` hands to the consumer's
+  elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for intermediate.dense, residual +
+  LayerNorm for the two other dense layers. The fused Q/K/V output goes to attention, so its
+  expand still accumulates into it;
 - on the CPU, per-segment PyTorch matmuls (`apply_segmented_lora`), the reference.
 
-A CUDA graph captures the same two GPU plans with device-side inputs instead of host state
-(`LoraLayers.capture`): the merged slot as a device index, and fixed-size block and token-slot
-tables; every linear that has LoRA buffers then runs its LoRA (slots without it there add zeros).
+A CUDA graph captures the same GPU plans with device-side inputs instead of host state
+(`LoraLayers.capture`): the merged slot as a device index, and fixed-size block, token-slot and
+tile tables; every linear that has LoRA buffers then runs its LoRA (slots without it there add zeros).
 A replay stays valid while no linear's buffers are reallocated (`LoraBatchState.buffer_generation`).
 """
 
@@ -38,6 +42,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
+from .lora_gemm_triton import lora_gemm, lora_gemm_supported
 from .segmented import apply_segmented_lora, slot_of
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
 
@@ -95,7 +100,8 @@ class LoraBatchState:
     segments: tuple[AdapterSegment, ...] = field(default_factory=tuple)
     slot_bits: int = 0  # bit s set: some token of the batch uses slot s
     block_table: torch.Tensor | None = None  # for the shrink/expand; see sgmv_triton.build_block_table
-    token_slots: torch.Tensor | None = None  # [T] int32, set when expands are deferred to consumers
+    token_slots: torch.Tensor | None = None  # [T] int32, set when expands are deferred or fused
+    tile_slots: torch.Tensor | None = None  # the fused GEMM's tile table (lora_gemm_triton.tile_slot_table)
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
@@ -226,6 +232,9 @@ class SegmentedLoraLinear(nn.Linear):
         weight = self.batch_weight()
         if weight is not None:
             return F.linear(x, weight, self.bias), None  # [T, out]
+        fused = self.fused_lora_output(x, "identity")
+        if fused is not None:
+            return fused, None
         output = F.linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
@@ -242,6 +251,19 @@ class SegmentedLoraLinear(nn.Linear):
         segments = [segment for segment in state.segments if self.slot_has_lora[segment.slot]]
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output, None
+
+    def fused_lora_output(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """activation(linear(x) + LoRA) from the shrink and the GEMM with the expand in its epilogue
+        (`lora_gemm_triton.lora_gemm`), for a mixed-adapter batch planned with a tile table; None
+        where that path does not apply (the caller takes another)."""
+        state = self.batch_state
+        if state.tile_slots is None or not self.uniform_slices or not self.rank_capacity:
+            return None
+        if not lora_gemm_supported(x, self.weight, self.slice_widths[0], self.rank_capacity):
+            return None
+        shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
+        return lora_gemm(x, self.weight, self.bias, activation, self.lora_b_cat, self.slice_widths[0],
+                         state.token_slots, state.tile_slots, shrunk)
 
     def batch_weight(self) -> torch.Tensor | None:
         """The weight [out, in] that gives this batch's output in one plain GEMM: the base weight when
@@ -284,6 +306,7 @@ class LoraLayers:
         self.use_block_tables = on_gpu  # shrink/expand over a block table (kernels; references on the CPU)
         self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
+        self.fuse_expand = on_gpu  # mixed adapters: the expand in the GEMM's epilogue (where supported)
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
@@ -344,7 +367,7 @@ class LoraLayers:
         """Plan the batch about to run (host only; one host-to-device copy when it uses tables)."""
         state = self.batch_state
         state.segments = segments
-        state.block_table = state.token_slots = state.merged_slot = None
+        state.block_table = state.token_slots = state.tile_slots = state.merged_slot = None
         used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
         state.slot_bits = sum(1 << slot for slot in used)
         if not used - {0}:
@@ -352,7 +375,9 @@ class LoraLayers:
         if self.merge_single_adapter and len(used) == 1:
             state.merged_slot = next(iter(used))
         elif self.use_block_tables:
-            state.block_table, state.token_slots = build_lora_batch_tables(segments, self.device, self.defer_expand)
+            state.block_table, state.token_slots, state.tile_slots = build_lora_batch_tables(
+                segments, self.device, self.defer_expand, self.fuse_expand
+            )
 
     def deactivate(self) -> None:
         self.activate(())
@@ -382,20 +407,23 @@ class LoraLayers:
         return "tables"
 
     def capture(
-        self, plan: str, merged_slot: torch.Tensor, block_table: torch.Tensor, token_slots: torch.Tensor
+        self, plan: str, merged_slot: torch.Tensor, block_table: torch.Tensor, token_slots: torch.Tensor,
+        tile_slots: torch.Tensor | None = None,
     ) -> None:
         """Point every linear that has LoRA buffers at a CUDA graph's device-side inputs, for its
         warm-up and capture (`deactivate` after). `merged_slot` [1] int64 is used by the "merged"
-        plan; `block_table` [blocks, 3] int32 (unused entries empty) and `token_slots` [T] int32 by
-        "tables"."""
+        plan; `block_table` [blocks, 3] int32 (unused entries empty), `token_slots` [T] int32 and
+        `tile_slots` [tiles, 1 + MAX_RUNS] int32 (unused tiles: no adapter) by "tables", whose
+        expands are fused into the GEMMs when `tile_slots` is given."""
         state = self.batch_state
         state.segments, state.slot_bits, state.graph_capture = (), 0, True
-        state.block_table = state.token_slots = state.merged_slot = None
+        state.block_table = state.token_slots = state.tile_slots = state.merged_slot = None
         if plan == "merged":
             state.merged_slot = merged_slot
         else:
             state.block_table = block_table
-            state.token_slots = token_slots if self.defer_expand else None
+            state.tile_slots = tile_slots if self.fuse_expand else None
+            state.token_slots = token_slots if self.defer_expand or state.tile_slots is not None else None
 
 
 @torch.no_grad()

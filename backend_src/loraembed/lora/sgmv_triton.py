@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .lora_gemm_triton import tile_slot_table
 from .segmented import expand_reference, merge_reference, shrink_reference
 
 try:
@@ -70,22 +71,31 @@ def max_lora_blocks(tokens: int, segments: int) -> int:
 
 
 def build_lora_batch_tables(
-    segments, device: torch.device, with_token_slots: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The block table (see lora_batch_table_arrays) and, if asked, the slot of every token [T]
-    int32, on `device` in one host-to-device copy; (None, None) when no token uses an adapter."""
-    table, token_slots = lora_batch_table_arrays(segments, with_token_slots)
+    segments, device: torch.device, with_token_slots: bool, with_tile_slots: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The block table (see lora_batch_table_arrays), if asked the slot of every token [T] int32,
+    and if asked the tile table of the fused GEMM (`lora_gemm_triton.tile_slot_table`, int32; None
+    when a tile holds more adapters than it allows), on `device` in one host-to-device copy;
+    (None, None, None) when no token uses an adapter."""
+    table, token_slots = lora_batch_table_arrays(segments, with_token_slots or with_tile_slots)
     if not len(table):
-        return None, None
-    table_size = -(-table.size // 4) * 4  # the token slots start 16-byte aligned (kernel pointer alignment)
-    parts = [table.ravel(), np.zeros(table_size - table.size, dtype=np.int64)]
-    if with_token_slots:
-        parts.append(token_slots)
+        return None, None, None
+    tiles = None
+    if with_tile_slots:
+        tiles = tile_slot_table([(s.slot, s.token_start, s.token_end) for s in segments], len(token_slots))
+    parts, offsets = [], []
+    for array in (table, token_slots if with_token_slots or tiles is not None else None, tiles):
+        offsets.append(sum(part.size for part in parts))
+        if array is not None:
+            parts += [array.ravel(), np.zeros(-array.size % 4, dtype=np.int64)]  # 16-byte aligned starts
     flat = torch.from_numpy(np.concatenate(parts).astype(np.int32))
     if device.type == "cuda":
         flat = flat.pin_memory()
     flat = flat.to(device, non_blocking=True)
-    return flat[: table.size].view(-1, 3), flat[table_size:] if with_token_slots else None
+    block_table = flat[: table.size].view(-1, 3)
+    slots_out = flat[offsets[1] : offsets[1] + len(token_slots)] if offsets[2] > offsets[1] else None
+    tiles_out = flat[offsets[2] : offsets[2] + tiles.size].view(tiles.shape) if tiles is not None else None
+    return block_table, slots_out, tiles_out
 
 
 if triton is not None:
