@@ -1,7 +1,8 @@
 """In-process encoder throughput on one GPU, against `transformers` measured in the same run.
 
     python benchmarks/encoder_bench.py [--models xlmr-base,xlmr-large,minilm] [--modes base,...]
-        [--attention flash_attn,torch_varlen] [--gelu-approximation auto,none] [--tokens 400000] [--out benchmarks]
+        [--attention flash_attn,torch_varlen] [--gelu-approximation auto,none] [--lora-expand fused,consumer]
+        [--tokens 400000] [--out benchmarks]
 
 Workloads (token lengths drawn once, arrival order random): queries (lognormal, median 16, 4-64),
 passages (median 120, 16-512), long (median 400, up to 512). Our engine packs at most
@@ -35,6 +36,8 @@ from loraembed.packing import SequenceRef, build_packed_batch, plan_batches  # n
 from loraembed.pooling import pool  # noqa: E402
 
 GELU_LABELS = {"auto": "", "none": ", exact GELU", "tanh": ", tanh GELU"}  # the system column per gelu_approximation
+# The system column per --lora-expand: where mixed-adapter batches add the LoRA expand.
+EXPAND_LABELS = {"fused": "", "consumer": ", expand in consumer kernels"}
 MATMUL_BOUND_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (ENVIRONMENT.md)
 WORKLOADS = {
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
@@ -289,6 +292,9 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(ADAPTER_MODES), help="adapter modes, run on --adapter-models")
     parser.add_argument("--adapter-models", default="xlmr-base")
     parser.add_argument("--adapter-workloads", default="queries,passages")
+    parser.add_argument("--lora-expand", default="fused",
+                        help="fused (the GEMM's epilogue, the engine's default on sm_90) and/or consumer (the GELU and "
+                             "LayerNorm kernels, the path before it): a comma list, each run on the mixed-adapter modes")
     parser.add_argument("--tokens", type=int, default=400_000, help="tokens per workload")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
@@ -357,16 +363,20 @@ def main() -> None:
                              for ranks in [ADAPTER_MODES[mode][1]]}
                     for seed, name in enumerate(sorted(names)):
                         write_random_adapter(adapter_root / name, config, int(name.split("-")[0][1:]), seed)
-                for mode in modes:
+                expands = args.lora_expand.split(",")
+                for mode, expand in [(mode, expand) for mode in modes for expand in expands]:
+                    if expand != expands[0] and ADAPTER_MODES[mode][0] == 1:
+                        continue  # one adapter: merged per linear either way
                     engine, names = adapter_engine(path, mode, attentions[0], args.max_batch_tokens, adapter_root)
+                    engine.adapters.layers.fuse_expand = expand == "fused"
                     adapter_ids = [names[i] for i in rng.integers(0, len(names), len(sequences))]
                     profile_file = None
                     if args.profile and mode == "64 adapters":
-                        profile_file = Path(args.out) / f"profile-{model_name}-{workload}-64-adapters.txt"
+                        profile_file = Path(args.out) / f"profile-{model_name}-{workload}-64-adapters-{expand}.txt"
                     result = measure_engine(engine, sequences, adapter_ids, args.repeats, profile_file)
                     for kind in ("forward", "engine"):
-                        add_row(model_name, workload, mode, f"loraembed {kind} ({attentions[0]})", lengths,
-                                result[f"{kind}_s"], flops, result["peak_gib"])
+                        add_row(model_name, workload, mode, f"loraembed {kind} ({attentions[0]}{EXPAND_LABELS[expand]})",
+                                lengths, result[f"{kind}_s"], flops, result["peak_gib"])
                     del engine
                     empty_cache()
             for baseline in args.baselines.split(","):
@@ -440,7 +450,8 @@ def plot(rows: list[dict], card: str, date: str, file: Path) -> None:
     counts = {"base": 0, "1 adapter": 1, "8 adapters": 8, "64 adapters": 64}
     for model, workload in sorted({(r["model"], r["workload"]) for r in rows if r["mode"] != "base"}):
         ours = [r for r in rows if (r["model"], r["workload"]) == (model, workload) and r["system"].startswith("loraembed forward")]
-        adapter_systems = {r["system"] for r in ours if r["mode"] != "base"}  # the base point of the same system
+        adapter_systems = {r["system"] for r in ours if r["mode"] != "base"  # the base point of the same system
+                           and EXPAND_LABELS["consumer"] not in r["system"]}  # the engine's default path only
         points = sorted((counts[r["mode"]], r["tokens_per_s"] / 1e6) for r in ours
                         if r["mode"] in counts and r["system"] in adapter_systems)
         points = list(dict(points).items())
