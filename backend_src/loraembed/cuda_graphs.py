@@ -20,8 +20,8 @@ Batches with adapter rows are graphed too, under a fourth part of the key, the L
 (`LoraLayers.graph_plan`): "merged" (one adapter: its slot is a graph input, W + B A is merged per
 linear inside the graph), "tables" (the block table and the per-token slots are graph inputs, of
 a fixed size per bucket, unused entries empty) or "fused tables" (the same and the tile table of
-the GEMMs that add the expand in their epilogue, `lora/lora_gemm_triton.py`). Loading an adapter that reallocates LoRA buffers
-drops these graphs (they read the old buffers); loading one into existing buffers does not (the
+the GEMMs that add the expand in their epilogue, `lora/lora_gemm_triton.py`). Loading an adapter
+that reallocates LoRA buffers drops these graphs (they read the old buffers); loading one into existing buffers does not (the
 graphs read the slots' current weights). The eager path (`PackedEncoder.forward` + `pool`, with
 the layers planned on the host) is the reference the GPU tests compare the replay with.
 """
@@ -188,11 +188,11 @@ class GraphedForward:
         if plan == "merged":
             view[layout["merged_slot"]] = host.slots[0]
         elif plan != BASE_PLAN:
-            table, token_slots = lora_batch_table_arrays(adapter_segments(host.slots, host.cu_seqlens), True)
+            segments = adapter_segments(host.slots, host.cu_seqlens)
+            table, token_slots = lora_batch_table_arrays(segments, True)
             fill("block_table", table.ravel(), 0)  # unused entries: empty blocks
             fill("token_slots", token_slots, 0)  # padding tokens: the base model
             if plan == FUSED_TABLES_PLAN:  # over the bucket's tokens: padding tiles hold no adapter
-                segments = adapter_segments(host.slots, host.cu_seqlens)
                 tiles = tile_slot_table([(s.slot, s.token_start, s.token_end) for s in segments], key[0])
                 fill("tile_slots", tiles.ravel(), 0)
         # Stream order: the copy runs after the previous replay has read its inputs.
