@@ -31,8 +31,9 @@ ACTIVATIONS = {
     "relu": F.relu,
     "identity": lambda x: x,  # add_lora_activation(x, lora, "identity"): only the delta
 }
-# The kernel's code for each activation (a constexpr: one compiled variant per activation).
-_ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
+# The kernels' code for each activation (a constexpr: one compiled variant per activation); the
+# fused LoRA GEMM (lora/lora_gemm_triton.py) uses the same codes.
+ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 # The activations cuBLASLt's GEMM epilogue computes (torch._addmm_activation: use_gelu or ReLU).
 EPILOGUE_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "relu": False}  # name: use_gelu
 LORA_LAYER_NORM_MAX_BLOCK = 1024  # whole rows of ROWS_PER_LORA_NORM rows in registers
@@ -253,7 +254,7 @@ def add_lora_activation(x: torch.Tensor, lora: LoraDelta, activation: str) -> to
     _add_lora_activation_kernel[grid](
         x, lora.shrunk, lora.lora_b, lora.token_slots, x, n_rows, n_cols, lora.rank,
         x.stride(0), lora.shrunk.stride(0), lora.lora_b.stride(0), lora.lora_b.stride(1), x.stride(0),
-        ACTIVATION=_ACTIVATION_CODES[activation], BLOCK_R=LORA_RANK_CHUNK, **launch,
+        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_R=LORA_RANK_CHUNK, **launch,
     )
     return x
 

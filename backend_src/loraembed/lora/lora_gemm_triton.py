@@ -25,12 +25,11 @@ lost (benchmarks/NOTES.md, item 29): the extra accumulator cost registers at eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fused_ops import ACTIVATION_CODES, ACTIVATIONS
 from .segmented import apply_segmented_lora
 
 try:
@@ -44,7 +43,6 @@ except ImportError:  # CPU machines: the reference path only
 TILE_ROWS = 128
 # Distinct adapters one tile may hold; a batch with a tile that holds more takes the separate expand.
 MAX_RUNS = 16
-_ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 
 
 def tile_slot_table(segments, total_tokens: int) -> np.ndarray | None:
@@ -83,8 +81,6 @@ def lora_gemm_reference(
 ) -> torch.Tensor:
     """activation(F.linear(x, W, bias) + the segmented LoRA): what `lora_gemm` computes, in PyTorch.
     `segments`: AdapterSegment-like runs (slot, token_start, token_end)."""
-    from ..fused_ops import ACTIVATIONS
-
     output = F.linear(x, weight, bias)
     slices, rank = lora_b_cat.shape[1] // slice_width, lora_b_cat.shape[2]
     lora_a = [lora_a_cat[:, i * rank : (i + 1) * rank] for i in range(slices)]
@@ -209,7 +205,7 @@ def lora_gemm(
     out = torch.empty(total, out_features, device=x.device, dtype=x.dtype)
     if total == 0:
         return out
-    code = _ACTIVATION_CODES[activation]
+    code = ACTIVATION_CODES[activation]
     block_cap, block_k, num_warps, num_stages = launch or LAUNCHES.get(code, DEFAULT_LAUNCH)
     block_k = block_k if in_features % block_k == 0 else 64
     slice_width = slice_width or out_features
