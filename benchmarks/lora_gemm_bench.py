@@ -1,6 +1,6 @@
-"""The LoRA expand inside the base GEMM (`lora/lora_gemm_triton.py`) against the cuBLAS paths, per linear of an
-XLM-R base layer, over one packed batch of 16,384 tokens whose rows are grouped into 64 rank-16
-adapter segments of random lengths (the engine's layout), on one GPU.
+"""The LoRA expand inside the base GEMM (`lora/lora_gemm_triton.py`) against the cuBLAS paths, per
+linear of an XLM-R base layer, over one packed batch of 16,384 tokens whose rows are grouped into
+64 rank-16 adapter segments of random lengths (the engine's layout), on one GPU.
 
     python benchmarks/lora_gemm_bench.py [--tokens 16384] [--adapters 64] [--rank 16]
         [--launches 128,64,4,3 256,64,8,3 ...] [--out FILE.md]
@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--launches", nargs="+", default=["code", "128,64,4,3", "128,64,8,3", "256,64,8,3", "128,64,4,4"])
+    parser.add_argument("--launches", nargs="+",
+                        default=["code", "128,64,4,3", "128,64,8,3", "256,64,8,3", "128,64,4,4"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16

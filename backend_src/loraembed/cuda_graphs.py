@@ -21,9 +21,10 @@ Batches with adapter rows are graphed too, under a fourth part of the key, the L
 linear inside the graph), "tables" (the block table and the per-token slots are graph inputs, of
 a fixed size per bucket, unused entries empty) or "fused tables" (the same and the tile table of
 the GEMMs that add the expand in their epilogue, `lora/lora_gemm_triton.py`). Loading an adapter
-that reallocates LoRA buffers drops these graphs (they read the old buffers); loading one into existing buffers does not (the
-graphs read the slots' current weights). The eager path (`PackedEncoder.forward` + `pool`, with
-the layers planned on the host) is the reference the GPU tests compare the replay with.
+that reallocates LoRA buffers drops these graphs (they read the old buffers); loading one into
+existing buffers does not (the graphs read the slots' current weights). The eager path
+(`PackedEncoder.forward` + `pool`, with the layers planned on the host) is the reference the GPU
+tests compare the replay with.
 """
 
 from __future__ import annotations

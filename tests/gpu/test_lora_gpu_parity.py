@@ -105,7 +105,8 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
     # Every linear's expand went into its GEMM's epilogue, intermediate.dense's before the GELU.
     # (A graph's warm-up and capture run the forward three times.)
     layers = engine.model.config.num_hidden_layers
-    assert fused_calls and len(fused_calls) % (4 * layers) == 0 and any(a.startswith("gelu") for a in fused_calls), fused_calls
+    assert fused_calls and len(fused_calls) % (4 * layers) == 0, fused_calls
+    assert any(activation.startswith("gelu") for activation in fused_calls), fused_calls
     plans = [key[3] for key in engine.graphed.graphs] if engine.graphed is not None else []
     assert plans == (["fused tables"] if graph_tokens else []), plans
 

@@ -152,7 +152,8 @@ if triton is not None:
             ranks = tl.arange(0, RANK)
             rank_live = ranks < rank_capacity
             # This slice's shrunk columns: slice i's rank r is column i * rank_capacity + r.
-            shrunk_rows = shrunk_ptr + rows.to(tl.int64)[:, None] * stride_shrunk + ((column // slice_width) * rank_capacity + ranks)[None, :]
+            shrunk_columns = (column // slice_width) * rank_capacity + ranks
+            shrunk_rows = shrunk_ptr + rows.to(tl.int64)[:, None] * stride_shrunk + shrunk_columns[None, :]
             tile_entry = tile_slots_ptr + tile_m * stride_tile
             for run in range(tl.load(tile_entry)):
                 slot = tl.load(tile_entry + 1 + run)
@@ -220,7 +221,8 @@ def lora_gemm(
         bias if bias is not None else placeholder,
         *((lora_b_cat, token_slots, tile_slots, shrunk) if has_lora else (placeholder,) * 4),
         total, out_features, in_features, slice_width, lora_b_cat.shape[2] if has_lora else 0,
-        *((lora_b_cat.stride(0), lora_b_cat.stride(1), shrunk.stride(0), tile_slots.stride(0)) if has_lora else (0,) * 4),
+        *((lora_b_cat.stride(0), lora_b_cat.stride(1), shrunk.stride(0), tile_slots.stride(0))
+          if has_lora else (0,) * 4),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, ACTIVATION=code,
         RANK=max(16, triton.next_power_of_2(lora_b_cat.shape[2])) if has_lora else 16,
         BLOCK_M=TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
