@@ -13,18 +13,9 @@ import torch
 from loraembed.lora import lora_gemm_triton as lg
 from loraembed.lora.sgmv_triton import build_lora_batch_tables, sgmv_shrink
 from loraembed.packing import AdapterSegment
+from tests.support.lora_models import random_segments
 
 pytestmark = pytest.mark.gpu
-
-
-def random_segments(total_tokens: int, num_slots: int, cuts: int, rng: random.Random) -> tuple[AdapterSegment, ...]:
-    """Contiguous runs covering [0, T) with random slots (0 = base), plus an empty segment."""
-    inner = sorted(rng.sample(range(1, total_tokens), k=min(cuts, total_tokens - 1)))
-    bounds = [0, *inner, total_tokens]
-    segments = [AdapterSegment(rng.randrange(num_slots), start, end) for start, end in zip(bounds, bounds[1:])]
-    empty_at = rng.choice(bounds)
-    segments.append(AdapterSegment(1, empty_at, empty_at))
-    return tuple(segments)
 
 
 CASES = [
@@ -62,7 +53,7 @@ def test_lora_gemm_matches_reference(tokens, in_features, width, slices, rank, s
     lora_b = torch.randn(slots, out_features, rank, device="cuda", dtype=dtype) / rank**0.5
     lora_a[0] = 0  # slot 0 is the base model
     lora_b[0] = 0
-    segments = random_segments(tokens, slots, cuts, rng) if tokens > 1 else (AdapterSegment(1, 0, 1),)
+    segments = random_segments(tokens, slots, rng, cuts) if tokens > 1 else (AdapterSegment(1, 0, 1),)
     assert lg.lora_gemm_supported(x, weight, width, rank)
 
     table, token_slots, tiles = build_lora_batch_tables(segments, x.device, False, with_tile_slots=True)

@@ -12,18 +12,9 @@ import torch
 from loraembed.lora.segmented import apply_segmented_lora, merge_reference
 from loraembed.lora.sgmv_triton import build_block_table, lora_merge, lora_merge_supported, sgmv_lora, sgmv_supported
 from loraembed.packing import AdapterSegment
+from tests.support.lora_models import random_segments
 
 pytestmark = pytest.mark.gpu
-
-
-def random_segments(total_tokens: int, num_slots: int, rng: random.Random) -> tuple[AdapterSegment, ...]:
-    """Contiguous runs covering [0, T) with random slots (0 = base), plus an empty segment."""
-    cuts = sorted(rng.sample(range(1, total_tokens), k=min(rng.randint(1, 12), total_tokens - 1)))
-    bounds = [0, *cuts, total_tokens]
-    segments = [AdapterSegment(rng.randrange(num_slots), start, end) for start, end in zip(bounds, bounds[1:])]
-    empty_at = rng.choice(bounds)
-    segments.append(AdapterSegment(1, empty_at, empty_at))
-    return tuple(segments)
 
 
 CASES = [

@@ -5,13 +5,15 @@ on any device (a float64 reference next to a bfloat16 run)."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
 from loraembed.config import EncoderConfig
 from loraembed.encoder import PackedEncoder
 from loraembed.lora.layers import LoraLayers
-from loraembed.packing import PackedBatch, SequenceRef, build_packed_batch
+from loraembed.packing import AdapterSegment, PackedBatch, SequenceRef, build_packed_batch
 
 
 def encoder_config(hidden: int, intermediate: int, layers: int, heads: int, hidden_act: str = "gelu") -> EncoderConfig:
@@ -60,6 +62,20 @@ def packed_batch(lengths: list[int], slots: list[int], device: str, seed: int = 
         for row, (length, slot) in enumerate(zip(lengths, slots))
     ]
     return build_packed_batch(refs, position_offset=2, device=torch.device(device))
+
+
+def random_segments(
+    total_tokens: int, num_slots: int, rng: random.Random, cuts: int | None = None
+) -> tuple[AdapterSegment, ...]:
+    """Contiguous runs covering [0, T) with random slots (0 = base), plus an empty segment; `cuts`
+    cut points (more: more adapters per tile), a random 1-12 if None."""
+    count = rng.randint(1, 12) if cuts is None else cuts
+    inner = sorted(rng.sample(range(1, total_tokens), k=min(count, total_tokens - 1)))
+    bounds = [0, *inner, total_tokens]
+    segments = [AdapterSegment(rng.randrange(num_slots), start, end) for start, end in zip(bounds, bounds[1:])]
+    empty_at = rng.choice(bounds)
+    segments.append(AdapterSegment(1, empty_at, empty_at))
+    return tuple(segments)
 
 
 def set_plan(layers: LoraLayers, plan: str) -> None:
