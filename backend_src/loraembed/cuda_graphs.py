@@ -194,7 +194,7 @@ class GraphedForward:
             fill("block_table", table.ravel(), 0)  # unused entries: empty blocks
             fill("token_slots", token_slots, 0)  # padding tokens: the base model
             if plan == FUSED_TABLES_PLAN:  # over the bucket's tokens: padding tiles hold no adapter
-                tiles = tile_slot_table([(s.slot, s.token_start, s.token_end) for s in segments], key[0])
+                tiles = tile_slot_table(segments, key[0])
                 fill("tile_slots", tiles.ravel(), 0)
         # Stream order: the copy runs after the previous replay has read its inputs.
         captured.device_input.copy_(captured.host_inputs[turn], non_blocking=True)

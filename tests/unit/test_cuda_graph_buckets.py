@@ -108,9 +108,7 @@ def test_the_staging_layout_holds_every_batch_of_its_bucket(lengths, slots, fuse
     assert len(token_slots) <= layout["token_slots"].stop - layout["token_slots"].start == key[0]
     assert (table[:, 1] - table[:, 0]).max() <= BLOCK_T
     if key[3] == "fused tables":  # the tile table over the bucket's tokens
-        tiles = lora_gemm_triton.tile_slot_table(
-            [(s.slot, s.token_start, s.token_end) for s in cuda_graphs.adapter_segments(host.slots, host.cu_seqlens)], key[0]
-        )
+        tiles = lora_gemm_triton.tile_slot_table(cuda_graphs.adapter_segments(host.slots, host.cu_seqlens), key[0])
         assert tiles.size == layout["tile_slots"].stop - layout["tile_slots"].start
 
 

@@ -198,7 +198,7 @@ def test_tile_table_counts_each_tiles_adapters():
         tokens = int(rng.integers(1, 3000))
         cuts = sorted({0, tokens, *rng.integers(0, tokens, int(rng.integers(1, 60))).tolist()})
         runs = [(int(rng.integers(0, 9)), start, end) for start, end in zip(cuts, cuts[1:])]
-        table = lora_gemm_triton.tile_slot_table(runs, tokens)
+        table = lora_gemm_triton.tile_slot_table([AdapterSegment(*run) for run in runs], tokens)
         expected = [sorted({slot for slot, start, end in runs if slot and start < (tile + 1) * lora_gemm_triton.TILE_ROWS
                             and end > tile * lora_gemm_triton.TILE_ROWS}) for tile in range(-(-tokens // lora_gemm_triton.TILE_ROWS))]
         if max(map(len, expected)) > lora_gemm_triton.MAX_RUNS:

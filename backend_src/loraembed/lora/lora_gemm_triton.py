@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fused_ops import ACTIVATION_CODES, ACTIVATIONS
-from .segmented import apply_segmented_lora
+from .segmented import adapter_run_arrays, apply_segmented_lora, positions_in_groups
 
 try:
     import triton
@@ -48,24 +48,22 @@ MAX_RUNS = 16
 def tile_slot_table(segments, total_tokens: int) -> np.ndarray | None:
     """[tiles, 1 + MAX_RUNS] int64 over TILE_ROWS-row tiles of `total_tokens` tokens: each tile's
     number of distinct nonzero slots, then those slots (zero-padded); None if a tile holds more than
-    MAX_RUNS. `segments`: (slot, token_start, token_end) runs of the batch."""
+    MAX_RUNS. `segments`: the batch's AdapterSegments."""
     tiles = -(-total_tokens // TILE_ROWS)
     table = np.zeros((tiles, 1 + MAX_RUNS), dtype=np.int64)
-    runs = [(slot, start, end) for slot, start, end in segments if slot and end > start]
-    if not runs:
+    slots, starts, ends = adapter_run_arrays(segments)
+    if not len(slots):
         return table
-    slots, starts, ends = (np.array(column, dtype=np.int64) for column in zip(*runs))
     first, last = starts // TILE_ROWS, (ends - 1) // TILE_ROWS
     counts = last - first + 1  # tiles per run
-    tile = np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    tile = np.repeat(first, counts) + positions_in_groups(counts)
     pairs = np.unique(tile * (slots.max() + 1) + np.repeat(slots, counts))  # distinct (tile, slot), sorted
     tile, slot = np.divmod(pairs, slots.max() + 1)
     per_tile = np.bincount(tile, minlength=tiles)
     if per_tile.max() > MAX_RUNS:
         return None
-    position = np.arange(len(tile)) - np.repeat(np.cumsum(per_tile) - per_tile, per_tile)
     table[:, 0] = per_tile
-    table[tile, 1 + position] = slot
+    table[tile, 1 + positions_in_groups(per_tile)] = slot  # `tile` is sorted: its groups are per_tile
     return table
 
 
@@ -80,7 +78,7 @@ def lora_gemm_reference(
     lora_a_cat: torch.Tensor, lora_b_cat: torch.Tensor, slice_width: int, segments,
 ) -> torch.Tensor:
     """activation(F.linear(x, W, bias) + the segmented LoRA): what `lora_gemm` computes, in PyTorch.
-    `segments`: AdapterSegment-like runs (slot, token_start, token_end)."""
+    `segments`: the batch's AdapterSegments."""
     output = F.linear(x, weight, bias)
     slices, rank = lora_b_cat.shape[1] // slice_width, lora_b_cat.shape[2]
     lora_a = [lora_a_cat[:, i * rank : (i + 1) * rank] for i in range(slices)]

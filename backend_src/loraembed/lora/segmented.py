@@ -4,16 +4,31 @@ One entry point, `apply_segmented_lora`. This is the reference path (any device,
 matmuls per segment); the GPU kernels (punica's SGMV shrink/expand, as vLLM uses, in
 `sgmv_triton.py`) are tested against it. `shrink_reference` / `expand_reference` are the same
 math split in two over a block table, the kernels' own interface, for the CPU; `merge_reference`
-is the merge kernel's (W + B A of one slot).
+is the merge kernel's (W + B A of one slot). `adapter_run_arrays` and `positions_in_groups` build
+the kernels' per-batch tables on the host.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..packing import AdapterSegment
+
+
+def adapter_run_arrays(segments: Sequence[AdapterSegment]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slots, token starts, token ends), int64 arrays over the segments that use an adapter and
+    hold tokens, in order."""
+    runs = [(s.slot, s.token_start, s.token_end) for s in segments if s.slot and s.token_end > s.token_start]
+    return tuple(np.array(column, dtype=np.int64) for column in (zip(*runs) if runs else ((), (), ())))
+
+
+def positions_in_groups(counts: np.ndarray) -> np.ndarray:
+    """For groups of counts[i] items laid end to end: each item's position in its group
+    (0 .. counts[i] - 1, group after group)."""
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def apply_segmented_lora(

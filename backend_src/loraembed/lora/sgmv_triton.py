@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .lora_gemm_triton import tile_slot_table
-from .segmented import expand_reference, merge_reference, shrink_reference
+from .segmented import adapter_run_arrays, expand_reference, merge_reference, positions_in_groups, shrink_reference
 
 try:
     import triton
@@ -48,18 +48,16 @@ def lora_batch_table_arrays(segments, with_token_slots: bool) -> tuple[np.ndarra
     """Host arrays of a batch's LoRA tables: the block table [blocks, 3] int64 (token start, token
     end, slot) of every non-base segment, cut into blocks of at most BLOCK_T tokens, and, if asked,
     the slot of every token [T] int64 (0 = base). No blocks when no token uses an adapter."""
-    runs = [(s.slot, s.token_start, s.token_end) for s in segments if s.slot and s.token_end > s.token_start]
+    slots, starts, ends = adapter_run_arrays(segments)
     total = max((s.token_end for s in segments), default=0)
     token_slots = np.zeros(total, dtype=np.int64) if with_token_slots else None
-    if not runs:
+    if not len(slots):
         return np.zeros((0, 3), dtype=np.int64), token_slots
-    slots, starts, ends = (np.array(column, dtype=np.int64) for column in zip(*runs))
     counts = (ends - starts + BLOCK_T - 1) // BLOCK_T  # blocks per segment
-    block_in_segment = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    block_starts = np.repeat(starts, counts) + BLOCK_T * block_in_segment
+    block_starts = np.repeat(starts, counts) + BLOCK_T * positions_in_groups(counts)
     block_ends = np.minimum(block_starts + BLOCK_T, np.repeat(ends, counts))
     if token_slots is not None:
-        for slot, start, end in runs:
+        for slot, start, end in zip(slots, starts, ends):
             token_slots[start:end] = slot
     return np.stack([block_starts, block_ends, np.repeat(slots, counts)], 1), token_slots
 
@@ -82,7 +80,7 @@ def build_lora_batch_tables(
         return None, None, None
     tiles = None
     if with_tile_slots:
-        tiles = tile_slot_table([(s.slot, s.token_start, s.token_end) for s in segments], len(token_slots))
+        tiles = tile_slot_table(segments, len(token_slots))
     parts, offsets = [], []
     for array in (table, token_slots if with_token_slots or tiles is not None else None, tiles):
         offsets.append(sum(part.size for part in parts))
