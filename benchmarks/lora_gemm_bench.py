@@ -5,7 +5,7 @@ linear of an XLM-R base layer, over one packed batch of 16,384 tokens whose rows
     python benchmarks/lora_gemm_bench.py [--tokens 16384] [--adapters 64] [--rank 16]
         [--launches 128,64,4,3 256,64,8,3 ...] [--out FILE.md]
 
-A launch is BLOCK_N cap, BLOCK_K, warps, stages; "code" is the code's own setting (LAUNCHES).
+A launch is BLOCK_N cap, BLOCK_K, warps, stages[, BLOCK_M]; "code" is the code's own setting (LAUNCHES).
 
 Per linear, the rows are:
 - "cuBLAS, base": the base model's kernels (cuBLAS GEMM with the bias, and the tanh GELU, in its
@@ -15,7 +15,9 @@ Per linear, the rows are:
   adds the delta (`fused_ops`): the path of mixed-adapter batches before the fused GEMM;
 - "fused" rows: the Triton GEMM for each launch setting (the first is the code's), followed by
   the plain consumer: without LoRA ("base"), and after the shrink with the expand in its epilogue
-  ("LoRA"; both kernels timed).
+  ("LoRA"; both kernels timed);
+- for intermediate.dense, output.dense's rank-R shrink of its output run apart (`sgmv_shrink`), and
+  the code's fused launch that also computes that shrink in its epilogue (zeroing its buffer included).
 The error column is the largest absolute difference of the linear's output (before the consumer)
 from a float32 reference (F.linear, then `segmented.apply_segmented_lora`, then the activation).
 Microseconds per call are medians of triton.testing.do_bench; "host µs" is the time the host takes
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--launches", nargs="+",
                         default=["code", "128,64,4,3", "128,64,8,3", "256,64,8,3", "128,64,4,4"])
+    parser.add_argument("--linears", nargs="+", help="names of LINEARS to run (default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -91,6 +94,8 @@ def main() -> None:
     slots = args.adapters + 1
     rows = []
     for name, out_features, in_features, slices, activation, consumer in LINEARS:
+        if args.linears and name not in args.linears:
+            continue
         width = out_features // slices
         x = torch.randn(args.tokens, in_features, device=device, dtype=dtype)
         weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features**0.5
@@ -136,7 +141,8 @@ def main() -> None:
         rows.append((name, "cuBLAS, LoRA", cublas_lora_us, error(cublas_lora(through_layer_norm=False)),
                      host_microseconds(cublas_lora)))
         for launch in launches:
-            label = "code's launch" if launch is None else f"{launch[0]}x{launch[1]} w{launch[2]} s{launch[3]}"
+            label = "code's launch" if launch is None else (
+                f"{launch[0]}x{launch[1]} w{launch[2]} s{launch[3]}" + (f" m{launch[4]}" if len(launch) > 4 else ""))
             for with_lora in (False, True):
                 def run(launch=launch, with_lora=with_lora):
                     if not with_lora:
@@ -151,6 +157,29 @@ def main() -> None:
                     continue
                 rows.append((name, f"fused {label}, {'LoRA' if with_lora else 'base'}", us,
                              error(y) if with_lora else None, host_microseconds(lambda run=run: consume(run()))))
+        if name.startswith("intermediate.dense"):  # output.dense's shrink: apart, or in this GEMM's epilogue
+            consumer_a = torch.randn(slots, args.rank, out_features, device=device, dtype=dtype) / out_features**0.5
+            consumer_a[0].zero_()
+            y = run(None, True)
+
+            def shrink_apart():
+                return lora_shrink(y, consumer_a, block_table)
+
+            def with_consumer_shrink():
+                shrunk = lora_shrink(x, lora_a, block_table)
+                consumer_shrunk = (torch.zeros if lg.CONSUMER_ATOMIC else torch.empty)(
+                    args.tokens, args.rank, device=device, dtype=torch.float32)
+                return lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tile_slots, shrunk,
+                                    consumer_lora_a_cat=consumer_a, consumer_shrunk=consumer_shrunk)
+
+            rows.append((name, "output.dense's shrink apart", microseconds(shrink_apart), None,
+                         host_microseconds(shrink_apart)))
+            for atomic in (False, True):
+                lg.CONSUMER_ATOMIC = atomic
+                rows.append((name, f"fused code's launch, LoRA + output.dense's shrink ({'atomic adds' if atomic else 'partial sums'})",
+                             microseconds(with_consumer_shrink), error(with_consumer_shrink()),
+                             host_microseconds(with_consumer_shrink)))
+            lg.CONSUMER_ATOMIC = False
         print(f"{name} done", file=sys.stderr, flush=True)
 
     card = torch.cuda.get_device_name(device)

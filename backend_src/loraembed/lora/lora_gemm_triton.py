@@ -116,14 +116,28 @@ def lora_gemm_supported(x: torch.Tensor, weight: torch.Tensor, slice_width: int,
     )
 
 
+def consumer_shrink_supported(consumer_lora_a_cat: torch.Tensor, out_features: int) -> bool:
+    """Whether `lora_gemm` can compute, for an output of `out_features`, the shrink of the linear
+    that reads it (its A: [slots, R2, out_features])."""
+    return (
+        consumer_lora_a_cat.shape[2] == out_features
+        and consumer_lora_a_cat.stride(2) == 1
+        and consumer_lora_a_cat.shape[1] <= 64  # the [rows, R2] float32 accumulator's registers
+    )
+
+
 if triton is not None:
 
     @triton.jit
     def _lora_gemm_kernel(
         x_desc, w_desc, out_desc, bias_ptr, b_ptr, token_slots_ptr, tile_slots_ptr, shrunk_ptr,
+        consumer_a_ptr, consumer_shrunk_ptr,
         M, N, K, slice_width, rank_capacity, stride_b_slot, stride_b_row, stride_shrunk, stride_tile,
+        consumer_ranks, stride_consumer_a_slot, stride_consumer_a_row, stride_consumer_shrunk,
         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACTIVATION: tl.constexpr, RANK: tl.constexpr,
+        CONSUMER_RANK: tl.constexpr, CONSUMER_ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        TABLE_ROWS: tl.constexpr,
     ):
         # The TMA descriptors come from the host. Built by each program instead
         # (tl.make_tensor_descriptor), they cost up to 30 µs more GPU time per call (NOTES, item 29).
@@ -152,7 +166,7 @@ if triton is not None:
             # This slice's shrunk columns: slice i's rank r is column i * rank_capacity + r.
             shrunk_columns = (column // slice_width) * rank_capacity + ranks
             shrunk_rows = shrunk_ptr + rows.to(tl.int64)[:, None] * stride_shrunk + shrunk_columns[None, :]
-            tile_entry = tile_slots_ptr + tile_m * stride_tile
+            tile_entry = tile_slots_ptr + (row // TABLE_ROWS) * stride_tile  # BLOCK_M divides TABLE_ROWS
             for run in range(tl.load(tile_entry)):
                 slot = tl.load(tile_entry + 1 + run)
                 shrunk = tl.load(shrunk_rows, mask=(row_slots == slot)[:, None] & rank_live[None, :], other=0.0)
@@ -170,14 +184,39 @@ if triton is not None:
             acc = acc * tl.sigmoid(2.0 * inner)
         elif ACTIVATION == 3:
             acc = tl.maximum(acc, 0.0)
-        out_desc.store([row, column], acc.to(out_desc.dtype))  # clipped at M
+        result = acc.to(out_desc.dtype)
+        if CONSUMER_RANK > 0:  # the consumer's shrink over this tile's columns, from the rounded output
+            consumer_columns = tl.arange(0, CONSUMER_RANK)
+            consumer_live = consumer_columns < consumer_ranks
+            consumer_acc = tl.zeros((BLOCK_M, CONSUMER_RANK), dtype=tl.float32)
+            for run in range(tl.load(tile_entry)):
+                slot = tl.load(tile_entry + 1 + run)
+                a_tile = tl.load(
+                    consumer_a_ptr + slot.to(tl.int64) * stride_consumer_a_slot
+                    + consumer_columns[None, :] * stride_consumer_a_row + columns[:, None],
+                    mask=consumer_live[None, :], other=0.0,
+                )  # [BN, CONSUMER_RANK]: A[slot][:, this tile's columns].T
+                consumer_acc = tl.where((row_slots == slot)[:, None], tl.dot(result, a_tile), consumer_acc)
+            if CONSUMER_ATOMIC:
+                tl.atomic_add(
+                    consumer_shrunk_ptr + rows.to(tl.int64)[:, None] * stride_consumer_shrunk + consumer_columns[None, :],
+                    consumer_acc, mask=((rows < M) & (row_slots != 0))[:, None] & consumer_live[None, :], sem="relaxed",
+                )
+            else:  # this column tile's partial sums, summed over the tiles after the kernel
+                tl.store(
+                    consumer_shrunk_ptr + tile_n.to(tl.int64) * M * CONSUMER_RANK
+                    + rows.to(tl.int64)[:, None] * CONSUMER_RANK + consumer_columns[None, :],
+                    consumer_acc, mask=(rows < M)[:, None],
+                )
+        out_desc.store([row, column], result)  # clipped at M
 
 
-# (BLOCK_N cap, BLOCK_K, num_warps, num_stages) per activation code, chosen by
+# (BLOCK_N cap, BLOCK_K, num_warps, num_stages[, BLOCK_M]) per activation code, chosen by
 # benchmarks/lora_gemm_bench.py (H200, 16k tokens, 64 adapters; results/lora-gemm-2026-11-28-h200.md).
 LAUNCHES = {1: (128, 64, 8, 3)}
 DEFAULT_LAUNCH = (128, 64, 4, 3)
 GROUP_M = 8
+CONSUMER_ATOMIC = False
 
 
 def lora_gemm(
@@ -191,6 +230,9 @@ def lora_gemm(
     tile_slots: torch.Tensor | None = None,
     shrunk: torch.Tensor | None = None,
     launch: tuple | None = None,
+    out: torch.Tensor | None = None,
+    consumer_lora_a_cat: torch.Tensor | None = None,
+    consumer_shrunk: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """activation(x @ W.T + bias + shrunk[t] @ B[slot of t].T) in one kernel; no LoRA without `shrunk`.
 
@@ -198,32 +240,51 @@ def lora_gemm(
     in (`layers.SegmentedLoraLinear`'s layout); slice_width: out / slices; token_slots: [T] int32;
     tile_slots: `tile_slot_table` of the batch as int32 on the device; shrunk: [T, slices * R]
     float32 (`sgmv_triton.sgmv_shrink`; rows of base tokens are never read). Needs
-    `lora_gemm_supported`. Returns [T, out]."""
+    `lora_gemm_supported`. Writes into `out` [T, out] (contiguous) if given; returns it.
+
+    With LoRA, `consumer_lora_a_cat` [slots, R2, out] (the A of the linear that reads this output;
+    `consumer_shrink_supported`) and `consumer_shrunk` [T, R2] float32 zeros: the epilogue also
+    adds each adapter row's output @ A2[slot].T into `consumer_shrunk` (atomic adds over the column
+    tiles, so the sum's order varies between runs), the consumer's shrink without reading the
+    output again."""
     total, in_features = x.shape
     out_features = weight.shape[0]
-    out = torch.empty(total, out_features, device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(total, out_features, device=x.device, dtype=x.dtype)
     if total == 0:
         return out
     code = ACTIVATION_CODES[activation]
-    block_cap, block_k, num_warps, num_stages = launch or LAUNCHES.get(code, DEFAULT_LAUNCH)
+    block_cap, block_k, num_warps, num_stages, *rest = launch or LAUNCHES.get(code, DEFAULT_LAUNCH)
+    block_m = rest[0] if rest else TILE_ROWS  # 64 or 128: a tile of the table holds whole output tiles
     block_k = block_k if in_features % block_k == 0 else 64
     slice_width = slice_width or out_features
     block_n = block_n_for(out_features, slice_width, block_cap)
     has_lora = shrunk is not None
+    has_consumer = has_lora and consumer_lora_a_cat is not None
+    consumer_ranks = consumer_lora_a_cat.shape[1] if has_consumer else 0
     placeholder = weight  # pointers the kernel does not read
-    grid = (triton.cdiv(total, TILE_ROWS) * (out_features // block_n),)
+    grid = (triton.cdiv(total, block_m) * (out_features // block_n),)
+    consumer_rank_block = max(16, triton.next_power_of_2(consumer_ranks)) if has_consumer else 0
+    if has_consumer and not CONSUMER_ATOMIC:
+        partials = torch.empty(out_features // block_n, total, consumer_rank_block, device=x.device, dtype=torch.float32)
     _lora_gemm_kernel[grid](
-        TensorDescriptor.from_tensor(x, [TILE_ROWS, block_k]),
+        TensorDescriptor.from_tensor(x, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-        TensorDescriptor.from_tensor(out, [TILE_ROWS, block_n]),
+        TensorDescriptor.from_tensor(out, [block_m, block_n]),
         bias if bias is not None else placeholder,
         *((lora_b_cat, token_slots, tile_slots, shrunk) if has_lora else (placeholder,) * 4),
+        *((consumer_lora_a_cat, consumer_shrunk if CONSUMER_ATOMIC else partials) if has_consumer else (placeholder,) * 2),
         total, out_features, in_features, slice_width, lora_b_cat.shape[2] if has_lora else 0,
         *((lora_b_cat.stride(0), lora_b_cat.stride(1), shrunk.stride(0), tile_slots.stride(0))
           if has_lora else (0,) * 4),
+        *((consumer_ranks, consumer_lora_a_cat.stride(0), consumer_lora_a_cat.stride(1), consumer_shrunk.stride(0))
+          if has_consumer else (0,) * 4),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, ACTIVATION=code,
         RANK=max(16, triton.next_power_of_2(lora_b_cat.shape[2])) if has_lora else 16,
-        BLOCK_M=TILE_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+        CONSUMER_RANK=consumer_rank_block, CONSUMER_ATOMIC=CONSUMER_ATOMIC,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, TABLE_ROWS=TILE_ROWS,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if has_consumer and not CONSUMER_ATOMIC:
+        torch.sum(partials[:, :, :consumer_ranks], 0, out=consumer_shrunk)
     return out
