@@ -13,7 +13,7 @@ attention.output.dense, intermediate.dense and output.dense fused into their con
 batch of one adapter merged per linear (W + B A into a scratch weight, one GEMM, no shrink/expand);
 "fused apart" = "new", but mixed-adapter batches run the shrink and then a Triton GEMM that adds
 the expand in its epilogue, activation after (lora/lora_gemm_triton.py); "fused" (the default on an
-sm_90 GPU) = "fused apart", but intermediate.dense's GEMM also computes output.dense's shrink.
+sm_90 GPU) = "fused apart" with the shrink computed by the GEMM's own launch.
 
 Columns: "wall" = CUDA events around back-to-back forwards (what one stream gets, host launch gaps
 included); "GPU" = the same forward queued behind a sleep kernel, so the device never waits for the
@@ -47,7 +47,7 @@ WORKLOADS = {  # as encoder_bench.py: lognormal token lengths
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
     "passages": dict(median=120, low=16, high=512, sigma=0.7),
 }
-PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter, fuse_expand, shrink_in_producer)
+PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter, fuse_expand, shrink_in_gemm)
     "old": (True, False, False, False, False),
     "new": (True, True, True, False, False),
     "fused apart": (True, True, True, True, False),
@@ -185,7 +185,7 @@ def main() -> None:
                     continue  # base batches take the plain path, one-adapter batches "new"'s merge, either way
                 path = "plain" if mode == "base" else path
                 (layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter, layers.fuse_expand,
-                 layers.shrink_in_producer) = flags
+                 layers.shrink_in_gemm) = flags
 
                 @torch.inference_mode()
                 def forward(batch=batch, hidden=hidden):

@@ -15,9 +15,8 @@ Per linear, the rows are:
   adds the delta (`fused_ops`): the path of mixed-adapter batches before the fused GEMM;
 - "fused" rows: the Triton GEMM for each launch setting (the first is the code's), followed by
   the plain consumer: without LoRA ("base"), and after the shrink with the expand in its epilogue
-  ("LoRA"; both kernels timed);
-- for intermediate.dense, output.dense's rank-R shrink of its output run apart (`sgmv_shrink`), and
-  the code's fused launch that also computes that shrink in its epilogue (zeroing its buffer included).
+  ("LoRA"; both kernels timed), and with the shrink computed by the GEMM's own launch ("LoRA,
+  shrink in launch").
 The error column is the largest absolute difference of the linear's output (before the consumer)
 from a float32 reference (F.linear, then `segmented.apply_segmented_lora`, then the activation).
 Microseconds per call are medians of triton.testing.do_bench; "host µs" is the time the host takes
@@ -143,10 +142,13 @@ def main() -> None:
         for launch in launches:
             label = "code's launch" if launch is None else (
                 f"{launch[0]}x{launch[1]} w{launch[2]} s{launch[3]}" + (f" m{launch[4]}" if len(launch) > 4 else ""))
-            for with_lora in (False, True):
+            for with_lora in (False, True, "shrink in launch"):
                 def run(launch=launch, with_lora=with_lora):
                     if not with_lora:
                         return lg.lora_gemm(x, weight, bias, activation, launch=launch)
+                    if with_lora == "shrink in launch":
+                        return lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tile_slots,
+                                            launch=launch, lora_a_cat=lora_a)
                     shrunk = lora_shrink(x, lora_a, block_table)
                     return lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tile_slots, shrunk, launch)
                 try:
@@ -155,31 +157,9 @@ def main() -> None:
                 except Exception as failure:  # out of shared memory or registers
                     print(f"{name} {label}: {type(failure).__name__}: {str(failure)[:200]}", file=sys.stderr)
                     continue
-                rows.append((name, f"fused {label}, {'LoRA' if with_lora else 'base'}", us,
+                kind = {False: "base", True: "LoRA"}.get(with_lora, f"LoRA, {with_lora}")
+                rows.append((name, f"fused {label}, {kind}", us,
                              error(y) if with_lora else None, host_microseconds(lambda run=run: consume(run()))))
-        if name.startswith("intermediate.dense"):  # output.dense's shrink: apart, or in this GEMM's epilogue
-            consumer_a = torch.randn(slots, args.rank, out_features, device=device, dtype=dtype) / out_features**0.5
-            consumer_a[0].zero_()
-            y = run(None, True)
-
-            def shrink_apart():
-                return lora_shrink(y, consumer_a, block_table)
-
-            def with_consumer_shrink():
-                shrunk = lora_shrink(x, lora_a, block_table)
-                consumer_shrunk = (torch.zeros if lg.CONSUMER_ATOMIC else torch.empty)(
-                    args.tokens, args.rank, device=device, dtype=torch.float32)
-                return lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tile_slots, shrunk,
-                                    consumer_lora_a_cat=consumer_a, consumer_shrunk=consumer_shrunk)
-
-            rows.append((name, "output.dense's shrink apart", microseconds(shrink_apart), None,
-                         host_microseconds(shrink_apart)))
-            for atomic in (False, True):
-                lg.CONSUMER_ATOMIC = atomic
-                rows.append((name, f"fused code's launch, LoRA + output.dense's shrink ({'atomic adds' if atomic else 'partial sums'})",
-                             microseconds(with_consumer_shrink), error(with_consumer_shrink()),
-                             host_microseconds(with_consumer_shrink)))
-            lg.CONSUMER_ATOMIC = False
         print(f"{name} done", file=sys.stderr, flush=True)
 
     card = torch.cuda.get_device_name(device)

@@ -29,38 +29,30 @@ def _add_layer_norm(
     return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, lora)
 
 
-def _linear_activation(
-    linear: nn.Module, x: torch.Tensor, activation: str, consumer: nn.Module | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _linear_activation(linear: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
     """activation(linear(x)), a LoRA delta added before the activation: one GEMM with the activation
     in its epilogue where the batch's weight is one plain matrix and the activation has an epilogue
     (`fused_ops.linear_activation`), or where the LoRA layer fuses the expand into its GEMM
-    (`fused_lora_output`), else the GEMM and then one pass that adds the delta too.
-
-    Also returns `consumer`'s LoRA shrink of the output where that GEMM computed it (else None):
-    `consumer` is the linear that reads the output next."""
+    (`fused_lora_output`), else the GEMM and then one pass that adds the delta too."""
     batch_weight = getattr(linear, "batch_weight", None)
     weight = linear.weight if batch_weight is None else batch_weight()
     if weight is not None:
-        return linear_activation(x, weight, linear.bias, activation), None
-    fused = linear.fused_lora_output(x, activation, consumer)
-    if fused is not None:  # the LoRA's expand in the GEMM's epilogue
+        return linear_activation(x, weight, linear.bias, activation)
+    fused = linear.fused_lora_output(x, activation)  # the LoRA's expand in the GEMM's epilogue
+    if fused is not None:
         return fused
     output, lora = linear.forward_deferred(x)
     if lora is None:  # the LoRA already added by the layer (a fused projection's path, the CPU reference)
-        return ACTIVATIONS[activation](output), None
-    return add_lora_activation(output, lora, activation), None
+        return ACTIVATIONS[activation](output)
+    return add_lora_activation(output, lora, activation)
 
 
-def _linear(
-    linear: nn.Module, x: torch.Tensor, shrunk: torch.Tensor | None = None
-) -> tuple[torch.Tensor, LoraDelta | None]:
+def _linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LoraDelta | None]:
     """The linear's output and a LoRA delta still to be added to it: None for a plain `nn.Linear`.
     The LoRA layers (lora/layers.py, swapped in from outside) return one so that the consumer's
-    elementwise kernel adds it in the pass it makes anyway. `shrunk`: the LoRA shrink of `x`, from
-    the GEMM that wrote `x` (`_linear_activation`)."""
+    elementwise kernel adds it in the pass it makes anyway."""
     forward_deferred = getattr(linear, "forward_deferred", None)
-    return (linear(x), None) if forward_deferred is None else forward_deferred(x, shrunk=shrunk)
+    return (linear(x), None) if forward_deferred is None else forward_deferred(x)
 
 
 class Embeddings(nn.Module):
@@ -131,10 +123,8 @@ class Layer(nn.Module):
         )
         attended, lora = _linear(self.attention.output.dense, context.reshape(total_tokens, hidden_size))  # [T, H]
         hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm, lora)
-        intermediate, shrunk = _linear_activation(
-            self.intermediate.dense, hidden, self.hidden_act, consumer=self.output.dense
-        )  # [T, I]; output.dense's LoRA shrink of it, or None
-        output, lora = _linear(self.output.dense, intermediate, shrunk)  # [T, H]
+        intermediate = _linear_activation(self.intermediate.dense, hidden, self.hidden_act)  # [T, I]
+        output, lora = _linear(self.output.dense, intermediate)  # [T, H]
         return _add_layer_norm(output, hidden, self.output.LayerNorm, lora)  # [T, H]
 
 

@@ -1,7 +1,8 @@
 """The GEMM with the LoRA expand in its epilogue (`lora/lora_gemm_triton.py`) against its reference
 (F.linear, `apply_segmented_lora`, the activation) in float64, on random shapes, ranks, slice
 counts, activations and segment layouts: base segments, empty segments, tiles that hold many
-adapters, batches that end inside a tile. Without LoRA it is the plain GEMM + activation."""
+adapters, batches that end inside a tile; with the shrink from `sgmv_shrink`, and computed by the
+same launch. Without LoRA it is the plain GEMM + activation."""
 
 from __future__ import annotations
 
@@ -72,55 +73,38 @@ def test_lora_gemm_matches_reference(tokens, in_features, width, slices, rank, s
     shrunk[token_slots == 0] = float("nan")  # base rows of the shrink are never read
     ours = lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tiles, shrunk)
     torch.testing.assert_close(ours.double(), expected, rtol=0.02, atol=tolerance)
+    if lg.shrink_in_gemm_supported(lora_a):  # the shrink in the same launch
+        ours = lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tiles, lora_a_cat=lora_a)
+        torch.testing.assert_close(ours.double(), expected, rtol=0.02, atol=tolerance)
+    else:
+        assert slices * rank > 64
     lora_rows = (token_slots != 0).nonzero().flatten()
     if len(lora_rows):  # the delta is well above that tolerance, so a missing or doubled delta fails
         assert (expected - without_lora)[lora_rows].abs().max().item() > 5 * tolerance
 
 
 
-CONSUMER_CASES = [
-    # tokens, in, out, consumer rank, slots, cuts
-    (16384, 768, 3072, 16, 65, 64),  # XLM-R base's intermediate.dense feeding output.dense
-    (1000, 768, 3072, 64, 9, 40),
-    (513, 1024, 4096, 8, 4, 3),
-    (2000, 768, 768, 16, 40, 150),  # ~10 adapters per tile
-    (1, 768, 3072, 16, 3, 0),
-]
-
-
-@pytest.mark.parametrize("tokens, in_features, out_features, consumer_rank, slots, cuts", CONSUMER_CASES)
-@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "identity"])
-def test_lora_gemm_computes_the_consumers_shrink(tokens, in_features, out_features, consumer_rank, slots, cuts, activation):
-    """The shrink of the linear that reads the output, added in the epilogue, equals that linear's
-    own shrink kernel over the stored output (and float64 over it); the output is unchanged."""
-    rng = random.Random(tokens + consumer_rank)
-    torch.manual_seed(tokens * 3 + consumer_rank)
-    dtype, rank = torch.bfloat16, 16
-    x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
-    weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype) / in_features**0.5
-    bias = torch.randn(out_features, device="cuda", dtype=dtype) * 0.1
-    lora_a = torch.randn(slots, rank, in_features, device="cuda", dtype=dtype) / in_features**0.5
-    lora_b = torch.randn(slots, out_features, rank, device="cuda", dtype=dtype) / rank**0.5
-    consumer_a = torch.randn(slots, consumer_rank, out_features, device="cuda", dtype=dtype) / out_features**0.5
-    lora_a[0], lora_b[0], consumer_a[0] = 0, 0, 0
-    segments = random_segments(tokens, slots, rng, cuts) if tokens > 1 else (AdapterSegment(1, 0, 1),)
-    assert lg.consumer_shrink_supported(consumer_a, out_features)
+@pytest.mark.parametrize("launch", [(128, 64, 4, 3, 64), (256, 64, 8, 3), (64, 128, 4, 2)])
+def test_lora_gemm_launch_settings_agree(launch):
+    """Other launch settings (benchmarks/lora_gemm_bench.py sweeps them; 64-row output tiles read
+    the table of their 128-row tile) give the code's result on a batch of ~10 adapters per tile."""
+    rng = random.Random(5)
+    torch.manual_seed(5)
+    tokens, in_features, out_features, rank, slots = 1000, 768, 3072, 16, 40
+    x = torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
+    bias = torch.randn(out_features, device="cuda", dtype=torch.bfloat16) * 0.1
+    lora_a = torch.randn(slots, rank, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
+    lora_b = torch.randn(slots, out_features, rank, device="cuda", dtype=torch.bfloat16) / rank**0.5
+    lora_a[0], lora_b[0] = 0, 0
+    segments = random_segments(tokens, slots, rng, 60)
     table, token_slots, tiles = build_lora_batch_tables(segments, x.device, False, with_tile_slots=True)
+    assert tiles is not None and int(tiles[:, 0].max()) > 4
     shrunk = sgmv_shrink(x, lora_a, table)
-    alone = lg.lora_gemm(x, weight, bias, activation, lora_b, out_features, token_slots, tiles, shrunk)
-    consumer_shrunk = torch.zeros(tokens, consumer_rank, device="cuda", dtype=torch.float32)
-    output = lg.lora_gemm(x, weight, bias, activation, lora_b, out_features, token_slots, tiles, shrunk,
-                          consumer_lora_a_cat=consumer_a, consumer_shrunk=consumer_shrunk)
-    assert torch.equal(output, alone)
-    lora_rows = (token_slots != 0).nonzero().flatten()
-    assert len(lora_rows)
-    expected = sgmv_shrink(output, consumer_a, table)[lora_rows]
-    expected64 = torch.zeros(tokens, consumer_rank, device="cuda", dtype=torch.float64)
-    for slot in token_slots.unique().tolist():
-        rows = token_slots == slot
-        expected64[rows] = output[rows].double() @ consumer_a[slot].double().T
-    expected64 = expected64[lora_rows]
-    scale = expected64.abs().max().item()
-    torch.testing.assert_close(consumer_shrunk[lora_rows].double(), expected64, rtol=1e-4, atol=1e-4 * scale)
-    torch.testing.assert_close(consumer_shrunk[lora_rows], expected, rtol=1e-4, atol=1e-4 * scale)
-    assert not consumer_shrunk[token_slots == 0].any()  # base rows: nothing added
+    args = (x, weight, bias, "gelu_pytorch_tanh", lora_b, out_features, token_slots, tiles, shrunk)
+    expected = float64_reference(x, weight, bias, "gelu_pytorch_tanh", lora_a, lora_b, out_features, segments)
+    tolerance = 0.02 * expected.abs().max().item()
+    torch.testing.assert_close(lg.lora_gemm(*args, launch=launch).double(), expected, rtol=0.02, atol=tolerance)
+    torch.testing.assert_close(lg.lora_gemm(*args, launch=launch), lg.lora_gemm(*args), rtol=0.02, atol=tolerance)
+    shrink_here = lg.lora_gemm(*args[:-1], launch=launch, lora_a_cat=lora_a)  # the shrink in the same launch
+    torch.testing.assert_close(shrink_here.double(), expected, rtol=0.02, atol=tolerance)

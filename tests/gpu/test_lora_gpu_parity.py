@@ -92,9 +92,9 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
     fused_calls = []
     lora_gemm = lora_layers.lora_gemm
 
-    def counted_lora_gemm(*args, **kwargs):
-        fused_calls.append((args[3], kwargs.get("consumer_lora_a_cat") is not None))  # activation, consumer's shrink
-        return lora_gemm(*args, **kwargs)
+    def counted_lora_gemm(*args):
+        fused_calls.append(args[3])  # the activation
+        return lora_gemm(*args)
 
     monkeypatch.setattr(lora_layers, "lora_gemm", counted_lora_gemm)
     monkeypatch.setattr(encoder_module, "add_lora_activation", not_expected("the GELU + LoRA pass"))
@@ -102,12 +102,11 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
     adapter_ids = [names[i % 4] for i in range(24)]
     ids, mask = random_rows(24, seed=0)
     ours = engine.embed([EncoderRequest(ids, mask, adapter_ids, {"normalize": False})])[0]
-    # Every linear's expand went into its GEMM's epilogue, intermediate.dense's before the GELU,
-    # and that GEMM computed output.dense's shrink. (A graph's warm-up and capture run the forward
-    # three times.)
+    # Every linear's expand went into its GEMM's epilogue, intermediate.dense's before the GELU.
+    # (A graph's warm-up and capture run the forward three times.)
     layers = engine.model.config.num_hidden_layers
     assert fused_calls and len(fused_calls) % (4 * layers) == 0, fused_calls
-    assert all(folded == activation.startswith("gelu") for activation, folded in fused_calls), fused_calls
+    assert any(activation.startswith("gelu") for activation in fused_calls), fused_calls
     plans = [key[3] for key in engine.graphed.graphs] if engine.graphed is not None else []
     assert plans == (["fused tables"] if graph_tokens else []), plans
 

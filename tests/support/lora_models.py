@@ -81,11 +81,11 @@ def random_segments(
 def set_plan(layers: LoraLayers, plan: str) -> None:
     """"reference" (per-segment matmuls), "tables" (shrink/expand over a block table), "deferred"
     (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W), "fused
-    apart" (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel), "fused"
-    (+ output.dense's shrink in intermediate.dense's epilogue: the GPU default)."""
+    apart" (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel, the shrink
+    a kernel before it), "fused" (+ the shrink in the GEMM's launch too: the GPU default)."""
     fused = plan in ("fused apart", "fused")
     layers.use_block_tables = plan in ("tables", "deferred", "merged") or fused
     layers.defer_expand = plan in ("deferred", "merged") or fused
     layers.merge_single_adapter = plan == "merged" or fused
     layers.fuse_expand = fused
-    layers.shrink_in_producer = plan == "fused"
+    layers.shrink_in_gemm = plan == "fused"

@@ -15,9 +15,7 @@ How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing sync
   weight (one Triton pass over W; a batched addmm on the CPU) and runs one GEMM: no shrink, no expand;
 - mixed adapters (and base rows), on a GPU with TMA (sm_90): the shrink over a block table, then
   one Triton GEMM that adds each token's expand in its epilogue, with the activation after it
-  (`lora_gemm_triton.py`; its tile table is planned with the block table). The GEMM of
-  intermediate.dense also computes output.dense's shrink from its output tiles, so that shrink does
-  not read the [T, 3072] activations again;
+  (`lora_gemm_triton.py`; its tile table is planned with the block table);
 - mixed adapters elsewhere, or a batch with a tile of more adapters than that table holds: the
   base GEMM, the shrink, and the expand, which `forward_deferred` hands to the consumer's
   elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for intermediate.dense, residual +
@@ -44,8 +42,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
-from . import lora_gemm_triton
-from .lora_gemm_triton import consumer_shrink_supported, lora_gemm, lora_gemm_supported
+from .lora_gemm_triton import lora_gemm, lora_gemm_supported, shrink_in_gemm_supported
 from .segmented import apply_segmented_lora, slot_of
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
 
@@ -108,7 +105,7 @@ class LoraBatchState:
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
-    shrink_in_producer: bool = False  # a fused GEMM also computes its consumer's shrink (`LoraLayers`)
+    shrink_in_gemm: bool = False  # the fused GEMM computes the shrink in the same launch (`LoraLayers`)
     buffer_generation: int = 0  # bumped whenever a linear's LoRA buffers are (re)allocated
     merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
 
@@ -228,21 +225,17 @@ class SegmentedLoraLinear(nn.Linear):
         """The linear's output with the LoRA of each token's slot added (the fused Q/K/V path)."""
         return self.forward_deferred(x, defer=False)[0]
 
-    def forward_deferred(
-        self, x: torch.Tensor, defer: bool = True, shrunk: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LoraDelta | None]:
+    def forward_deferred(self, x: torch.Tensor, defer: bool = True) -> tuple[torch.Tensor, LoraDelta | None]:
         """(output, LoRA delta still to add to it, or None). The encoder's layer asks for this where
         the output's consumer is a `fused_ops` kernel that adds the delta in its own pass; the
-        delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`).
-        `shrunk`: this linear's shrink of `x`, computed by the GEMM that wrote `x`
-        (`fused_lora_output`'s `consumer`)."""
+        delta is deferred only when the batch was planned for it (`LoraBatchState.token_slots`)."""
         state = self.batch_state
         weight = self.batch_weight()
         if weight is not None:
             return F.linear(x, weight, self.bias), None  # [T, out]
-        fused = self.fused_lora_output(x, "identity", shrunk=shrunk)
+        fused = self.fused_lora_output(x, "identity")
         if fused is not None:
-            return fused[0], None
+            return fused, None
         output = F.linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
@@ -260,46 +253,20 @@ class SegmentedLoraLinear(nn.Linear):
         apply_segmented_lora(x, output, self.lora_a, self.lora_b, segments, self.slot_ranks)
         return output, None
 
-    def fused_lora_output(
-        self, x: torch.Tensor, activation: str, consumer: nn.Module | None = None,
-        shrunk: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def fused_lora_output(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
         """activation(linear(x) + LoRA) from the shrink and the GEMM with the expand in its epilogue
         (`lora_gemm_triton.lora_gemm`), for a mixed-adapter batch planned with a tile table; None
-        where that path does not apply (the caller takes another).
-
-        Returns (output, the consumer's shrink of it or None). `consumer`: the module that reads the
-        output next; where it is a LoRA linear that takes this path too, the GEMM's epilogue also
-        computes its shrink (`LoraLayers.shrink_in_producer`). `shrunk`: this linear's shrink of
-        `x`, from the GEMM that wrote `x`; computed here when None."""
-        if not self.takes_fused_gemm(x):
+        where that path does not apply (the caller takes another)."""
+        state = self.batch_state
+        if state.tile_slots is None or not self.uniform_slices or not self.rank_capacity:
             return None
-        state = self.batch_state
-        if shrunk is None:
-            shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
-        out = torch.empty(x.shape[0], self.out_features, device=x.device, dtype=x.dtype)
-        consumer_shrunk = None
-        if (
-            isinstance(consumer, SegmentedLoraLinear) and state.shrink_in_producer and consumer.takes_fused_gemm(out)
-            and consumer_shrink_supported(consumer.lora_a_cat, self.out_features)
-        ):
-            consumer_shrunk = (torch.zeros if lora_gemm_triton.CONSUMER_ATOMIC else torch.empty)(
-                x.shape[0], consumer.lora_a_cat.shape[1], device=x.device, dtype=torch.float32)
-        lora_gemm(x, self.weight, self.bias, activation, self.lora_b_cat, self.slice_widths[0], state.token_slots,
-                  state.tile_slots, shrunk, out=out,
-                  consumer_lora_a_cat=None if consumer_shrunk is None else consumer.lora_a_cat,
-                  consumer_shrunk=consumer_shrunk)
-        return out, consumer_shrunk
-
-    def takes_fused_gemm(self, x: torch.Tensor) -> bool:
-        """Whether this batch runs this linear on `x` through `fused_lora_output`: a tile table is
-        planned, this linear has LoRA for some row of the batch, and the kernel takes the shapes."""
-        state = self.batch_state
-        return (
-            state.tile_slots is not None and self.uniform_slices and bool(self.rank_capacity)
-            and bool(state.graph_capture or self.lora_slot_bits & state.slot_bits)
-            and lora_gemm_supported(x, self.weight, self.slice_widths[0], self.rank_capacity)
-        )
+        if not lora_gemm_supported(x, self.weight, self.slice_widths[0], self.rank_capacity):
+            return None
+        lora_b = (self.lora_b_cat, self.slice_widths[0], state.token_slots, state.tile_slots)
+        if state.shrink_in_gemm and shrink_in_gemm_supported(self.lora_a_cat):  # one launch
+            return lora_gemm(x, self.weight, self.bias, activation, *lora_b, lora_a_cat=self.lora_a_cat)
+        shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
+        return lora_gemm(x, self.weight, self.bias, activation, *lora_b, shrunk)
 
     def batch_weight(self) -> torch.Tensor | None:
         """The weight [out, in] that gives this batch's output in one plain GEMM: the base weight when
@@ -343,8 +310,7 @@ class LoraLayers:
         self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
         self.fuse_expand = on_gpu  # mixed adapters: the expand in the GEMM's epilogue (where supported)
-        # ... and the GEMM of intermediate.dense computes output.dense's shrink in its epilogue too
-        self.shrink_in_producer = on_gpu
+        self.shrink_in_gemm = on_gpu  # ... and the shrink in the same launch, else a kernel before it
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
@@ -406,7 +372,7 @@ class LoraLayers:
         state = self.batch_state
         state.segments = segments
         state.block_table = state.token_slots = state.tile_slots = state.merged_slot = None
-        state.shrink_in_producer = self.shrink_in_producer
+        state.shrink_in_gemm = self.shrink_in_gemm
         used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
         state.slot_bits = sum(1 << slot for slot in used)
         if not used - {0}:
@@ -456,7 +422,7 @@ class LoraLayers:
         expands are fused into the GEMMs when `tile_slots` is given."""
         state = self.batch_state
         state.segments, state.slot_bits, state.graph_capture = (), 0, True
-        state.shrink_in_producer = self.shrink_in_producer
+        state.shrink_in_gemm = self.shrink_in_gemm
         state.block_table = state.token_slots = state.tile_slots = state.merged_slot = None
         if plan == "merged":
             state.merged_slot = merged_slot
