@@ -1,7 +1,7 @@
 """In-process encoder throughput on one GPU, against `transformers` measured in the same run.
 
     python benchmarks/encoder_bench.py [--models xlmr-base,xlmr-large,minilm] [--modes base,...]
-        [--attention flash_attn,torch_varlen] [--gelu-approximation auto,none] [--lora-expand fused,fused-apart,consumer]
+        [--attention flash_attn,torch_varlen] [--gelu-approximation auto,none] [--lora-expand fused,consumer]
         [--tokens 400000] [--out benchmarks]
 
 Workloads (token lengths drawn once, arrival order random): queries (lognormal, median 16, 4-64),
@@ -37,7 +37,7 @@ from loraembed.pooling import pool  # noqa: E402
 
 GELU_LABELS = {"auto": "", "none": ", exact GELU", "tanh": ", tanh GELU"}  # the system column per gelu_approximation
 # The system column per --lora-expand: where mixed-adapter batches add the LoRA expand.
-EXPAND_LABELS = {"fused": "", "fused-apart": ", shrink kernel apart", "consumer": ", expand in consumer kernels"}
+EXPAND_LABELS = {"fused": "", "consumer": ", expand in consumer kernels"}
 MATMUL_BOUND_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (ENVIRONMENT.md)
 WORKLOADS = {
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
@@ -293,9 +293,8 @@ def main() -> None:
     parser.add_argument("--adapter-models", default="xlmr-base")
     parser.add_argument("--adapter-workloads", default="queries,passages")
     parser.add_argument("--lora-expand", default="fused",
-                        help="fused (the GEMM's epilogue, the shrink in the same launch: the engine's default on "
-                             "sm_90), fused-apart (the shrink a kernel before the GEMM) and/or consumer (the GELU and "
-                             "LayerNorm kernels): a comma list, each run on the mixed-adapter modes")
+                        help="fused (the GEMM's epilogue, the engine's default on sm_90) and/or consumer (the GELU and "
+                             "LayerNorm kernels, the path before it): a comma list, each run on the mixed-adapter modes")
     parser.add_argument("--tokens", type=int, default=400_000, help="tokens per workload")
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
@@ -369,8 +368,7 @@ def main() -> None:
                     if expand != expands[0] and ADAPTER_MODES[mode][0] == 1:
                         continue  # one adapter: merged per linear either way
                     engine, names = adapter_engine(path, mode, attentions[0], args.max_batch_tokens, adapter_root)
-                    engine.adapters.layers.fuse_expand = expand.startswith("fused")
-                    engine.adapters.layers.shrink_in_gemm = expand == "fused"
+                    engine.adapters.layers.fuse_expand = expand == "fused"
                     adapter_ids = [names[i] for i in rng.integers(0, len(names), len(sequences))]
                     profile_file = None
                     if args.profile and mode == "64 adapters":

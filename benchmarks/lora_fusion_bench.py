@@ -11,9 +11,8 @@ Paths (`LoraLayers` flags, see lora/layers.py): "old" = base GEMM, shrink and ex
 output (read-modify-write), then GELU / residual + LayerNorm; "new" = the expand of
 attention.output.dense, intermediate.dense and output.dense fused into their consumer kernel, and a
 batch of one adapter merged per linear (W + B A into a scratch weight, one GEMM, no shrink/expand);
-"fused apart" = "new", but mixed-adapter batches run the shrink and then a Triton GEMM that adds
-the expand in its epilogue, activation after (lora/lora_gemm_triton.py); "fused" (the default on an
-sm_90 GPU) = "fused apart" with the shrink computed by the GEMM's own launch.
+"fused" (the default on an sm_90 GPU) = "new", but mixed-adapter batches run the shrink and then
+a Triton GEMM that adds the expand in its epilogue, activation after (lora/lora_gemm_triton.py).
 
 Columns: "wall" = CUDA events around back-to-back forwards (what one stream gets, host launch gaps
 included); "GPU" = the same forward queued behind a sleep kernel, so the device never waits for the
@@ -47,11 +46,10 @@ WORKLOADS = {  # as encoder_bench.py: lognormal token lengths
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
     "passages": dict(median=120, low=16, high=512, sigma=0.7),
 }
-PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter, fuse_expand, shrink_in_gemm)
-    "old": (True, False, False, False, False),
-    "new": (True, True, True, False, False),
-    "fused apart": (True, True, True, True, False),
-    "fused": (True, True, True, True, True),
+PATHS = {  # (use_block_tables, defer_expand, merge_single_adapter, fuse_expand)
+    "old": (True, False, False, False),
+    "new": (True, True, True, False),
+    "fused": (True, True, True, True),
 }
 
 
@@ -181,11 +179,10 @@ def main() -> None:
                 hidden = model.embeddings(batch.input_ids, batch.position_ids)  # [T, H]
             outputs = {}
             for path, flags in PATHS.items():
-                if (mode == "base" and path != "old") or (mode == "1 adapter" and path.startswith("fused")):
+                if (mode == "base" and path != "old") or (mode == "1 adapter" and path == "fused"):
                     continue  # base batches take the plain path, one-adapter batches "new"'s merge, either way
                 path = "plain" if mode == "base" else path
-                (layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter, layers.fuse_expand,
-                 layers.shrink_in_gemm) = flags
+                layers.use_block_tables, layers.defer_expand, layers.merge_single_adapter, layers.fuse_expand = flags
 
                 @torch.inference_mode()
                 def forward(batch=batch, hidden=hidden):
@@ -201,7 +198,7 @@ def main() -> None:
                 print(f"{workload:8s} {mode:12s} {path}: wall {timing['wall']:.2f} ms, GPU {timing['gpu']:.2f} ms, "
                       f"host {timing['host']:.2f} ms, {timing['ops']} device ops", flush=True)
             layers.deactivate()
-            for path in ("new", "fused apart", "fused"):  # the paths compute the same thing
+            for path in ("new", "fused"):  # the paths compute the same thing
                 if path in outputs:
                     old, other = outputs["old"], outputs[path]
                     print(f"         {mode}: {path} vs old relative difference "

@@ -15,8 +15,7 @@ Per linear, the rows are:
   adds the delta (`fused_ops`): the path of mixed-adapter batches before the fused GEMM;
 - "fused" rows: the Triton GEMM for each launch setting (the first is the code's), followed by
   the plain consumer: without LoRA ("base"), and after the shrink with the expand in its epilogue
-  ("LoRA"; both kernels timed), and with the shrink computed by the GEMM's own launch ("LoRA,
-  shrink in launch").
+  ("LoRA"; both kernels timed).
 The error column is the largest absolute difference of the linear's output (before the consumer)
 from a float32 reference (F.linear, then `segmented.apply_segmented_lora`, then the activation).
 Microseconds per call are medians of triton.testing.do_bench; "host µs" is the time the host takes
@@ -142,13 +141,10 @@ def main() -> None:
         for launch in launches:
             label = "code's launch" if launch is None else (
                 f"{launch[0]}x{launch[1]} w{launch[2]} s{launch[3]}" + (f" m{launch[4]}" if len(launch) > 4 else ""))
-            for with_lora in (False, True, "shrink in launch"):
+            for with_lora in (False, True):
                 def run(launch=launch, with_lora=with_lora):
                     if not with_lora:
                         return lg.lora_gemm(x, weight, bias, activation, launch=launch)
-                    if with_lora == "shrink in launch":
-                        return lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tile_slots,
-                                            launch=launch, lora_a_cat=lora_a)
                     shrunk = lora_shrink(x, lora_a, block_table)
                     return lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tile_slots, shrunk, launch)
                 try:
@@ -157,8 +153,7 @@ def main() -> None:
                 except Exception as failure:  # out of shared memory or registers
                     print(f"{name} {label}: {type(failure).__name__}: {str(failure)[:200]}", file=sys.stderr)
                     continue
-                kind = {False: "base", True: "LoRA"}.get(with_lora, f"LoRA, {with_lora}")
-                rows.append((name, f"fused {label}, {kind}", us,
+                rows.append((name, f"fused {label}, {'LoRA' if with_lora else 'base'}", us,
                              error(y) if with_lora else None, host_microseconds(lambda run=run: consume(run()))))
         print(f"{name} done", file=sys.stderr, flush=True)
 

@@ -213,10 +213,10 @@ def test_encoder_plans_match_float64_reference(encoders, layout):
     base_batch = packed_batch(lengths, [0] * len(lengths), DEVICE, seed=len(lengths))  # the same tokens
     without_lora = run(model64, layers64, base_batch, "reference")
     errors = {plan: relative_error(run(model, layers, batch, plan), expected)
-              for plan in ("reference", "tables", "deferred", "merged", "fused apart", "fused")}
+              for plan in ("reference", "tables", "deferred", "merged", "fused")}
     print(layout, {plan: f"{error:.2e}" for plan, error in errors.items()},
           f"LoRA effect {relative_error(without_lora, expected):.2e}")
-    for plan in ("tables", "deferred", "merged", "fused apart", "fused"):  # the fast paths: no worse than the bf16 reference
+    for plan in ("tables", "deferred", "merged", "fused"):  # the fast paths: no worse than the bf16 reference
         assert errors[plan] < max(1.5 * errors["reference"], errors["reference"] + 2e-3), (plan, errors)
     if any(slot not in (0, 5) for slot in slots):  # the adapters move the output well beyond the bf16 error
         assert relative_error(without_lora, expected) > 5 * max(errors.values())
@@ -233,7 +233,7 @@ def test_forward_does_not_sync_with_the_host(encoders):
         for layout in ("mixed ranks, base rows", "one adapter"):
             lengths, slots = ENCODER_LAYOUTS[layout]
             batch = packed_batch(lengths, slots, DEVICE)
-            for plan in ("tables", "deferred", "merged", "fused apart", "fused"):
+            for plan in ("tables", "deferred", "merged", "fused"):
                 set_plan(layers, plan)
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")

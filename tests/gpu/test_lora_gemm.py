@@ -1,8 +1,7 @@
 """The GEMM with the LoRA expand in its epilogue (`lora/lora_gemm_triton.py`) against its reference
 (F.linear, `apply_segmented_lora`, the activation) in float64, on random shapes, ranks, slice
 counts, activations and segment layouts: base segments, empty segments, tiles that hold many
-adapters, batches that end inside a tile; with the shrink from `sgmv_shrink`, and computed by the
-same launch. Without LoRA it is the plain GEMM + activation."""
+adapters, batches that end inside a tile. Without LoRA it is the plain GEMM + activation."""
 
 from __future__ import annotations
 
@@ -73,15 +72,9 @@ def test_lora_gemm_matches_reference(tokens, in_features, width, slices, rank, s
     shrunk[token_slots == 0] = float("nan")  # base rows of the shrink are never read
     ours = lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tiles, shrunk)
     torch.testing.assert_close(ours.double(), expected, rtol=0.02, atol=tolerance)
-    if lg.shrink_in_gemm_supported(lora_a):  # the shrink in the same launch
-        ours = lg.lora_gemm(x, weight, bias, activation, lora_b, width, token_slots, tiles, lora_a_cat=lora_a)
-        torch.testing.assert_close(ours.double(), expected, rtol=0.02, atol=tolerance)
-    else:
-        assert slices * rank > 64
     lora_rows = (token_slots != 0).nonzero().flatten()
     if len(lora_rows):  # the delta is well above that tolerance, so a missing or doubled delta fails
         assert (expected - without_lora)[lora_rows].abs().max().item() > 5 * tolerance
-
 
 
 @pytest.mark.parametrize("launch", [(128, 64, 4, 3, 64), (256, 64, 8, 3), (64, 128, 4, 2)])
@@ -106,5 +99,3 @@ def test_lora_gemm_launch_settings_agree(launch):
     tolerance = 0.02 * expected.abs().max().item()
     torch.testing.assert_close(lg.lora_gemm(*args, launch=launch).double(), expected, rtol=0.02, atol=tolerance)
     torch.testing.assert_close(lg.lora_gemm(*args, launch=launch), lg.lora_gemm(*args), rtol=0.02, atol=tolerance)
-    shrink_here = lg.lora_gemm(*args[:-1], launch=launch, lora_a_cat=lora_a)  # the shrink in the same launch
-    torch.testing.assert_close(shrink_here.double(), expected, rtol=0.02, atol=tolerance)

@@ -80,12 +80,9 @@ def random_segments(
 
 def set_plan(layers: LoraLayers, plan: str) -> None:
     """"reference" (per-segment matmuls), "tables" (shrink/expand over a block table), "deferred"
-    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W), "fused
-    apart" (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel, the shrink
-    a kernel before it), "fused" (+ the shrink in the GEMM's launch too: the GPU default)."""
-    fused = plan in ("fused apart", "fused")
-    layers.use_block_tables = plan in ("tables", "deferred", "merged") or fused
-    layers.defer_expand = plan in ("deferred", "merged") or fused
-    layers.merge_single_adapter = plan == "merged" or fused
-    layers.fuse_expand = fused
-    layers.shrink_in_gemm = plan == "fused"
+    (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W), "fused"
+    (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel: the GPU default)."""
+    layers.use_block_tables = plan in ("tables", "deferred", "merged", "fused")
+    layers.defer_expand = plan in ("deferred", "merged", "fused")
+    layers.merge_single_adapter = plan in ("merged", "fused")
+    layers.fuse_expand = plan == "fused"

@@ -42,7 +42,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
-from .lora_gemm_triton import lora_gemm, lora_gemm_supported, shrink_in_gemm_supported
+from .lora_gemm_triton import lora_gemm, lora_gemm_supported
 from .segmented import apply_segmented_lora, slot_of
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
 
@@ -105,7 +105,6 @@ class LoraBatchState:
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
-    shrink_in_gemm: bool = False  # the fused GEMM computes the shrink in the same launch (`LoraLayers`)
     buffer_generation: int = 0  # bumped whenever a linear's LoRA buffers are (re)allocated
     merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
 
@@ -262,11 +261,9 @@ class SegmentedLoraLinear(nn.Linear):
             return None
         if not lora_gemm_supported(x, self.weight, self.slice_widths[0], self.rank_capacity):
             return None
-        lora_b = (self.lora_b_cat, self.slice_widths[0], state.token_slots, state.tile_slots)
-        if state.shrink_in_gemm and shrink_in_gemm_supported(self.lora_a_cat):  # one launch
-            return lora_gemm(x, self.weight, self.bias, activation, *lora_b, lora_a_cat=self.lora_a_cat)
         shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
-        return lora_gemm(x, self.weight, self.bias, activation, *lora_b, shrunk)
+        return lora_gemm(x, self.weight, self.bias, activation, self.lora_b_cat, self.slice_widths[0],
+                         state.token_slots, state.tile_slots, shrunk)
 
     def batch_weight(self) -> torch.Tensor | None:
         """The weight [out, in] that gives this batch's output in one plain GEMM: the base weight when
@@ -310,7 +307,6 @@ class LoraLayers:
         self.defer_expand = on_gpu  # single-slice linears leave their expand to the consumer's kernel
         self.merge_single_adapter = on_gpu  # a batch of one adapter only: W + B A per linear, one GEMM
         self.fuse_expand = on_gpu  # mixed adapters: the expand in the GEMM's epilogue (where supported)
-        self.shrink_in_gemm = on_gpu  # ... and the shrink in the same launch, else a kernel before it
         self.targets = lora_targets(model)
         self.batch_state = LoraBatchState()
         self._kernels_cover = (-1, False)  # (buffer generation, whether the Triton kernels run every LoRA)
@@ -372,7 +368,6 @@ class LoraLayers:
         state = self.batch_state
         state.segments = segments
         state.block_table = state.token_slots = state.tile_slots = state.merged_slot = None
-        state.shrink_in_gemm = self.shrink_in_gemm
         used = {segment.slot for segment in segments if segment.token_end > segment.token_start}
         state.slot_bits = sum(1 << slot for slot in used)
         if not used - {0}:
@@ -422,7 +417,6 @@ class LoraLayers:
         expands are fused into the GEMMs when `tile_slots` is given."""
         state = self.batch_state
         state.segments, state.slot_bits, state.graph_capture = (), 0, True
-        state.shrink_in_gemm = self.shrink_in_gemm
         state.block_table = state.token_slots = state.tile_slots = state.merged_slot = None
         if plan == "merged":
             state.merged_slot = merged_slot

@@ -116,80 +116,27 @@ def lora_gemm_supported(x: torch.Tensor, weight: torch.Tensor, slice_width: int,
     )
 
 
-def shrink_in_gemm_supported(lora_a_cat: torch.Tensor) -> bool:
-    """Whether `lora_gemm` can compute the shrink itself from this A [slots, slices * R, in]: the
-    [rows, slices * R] float32 accumulators fit in registers."""
-    return lora_a_cat.shape[1] <= 64 and lora_a_cat.stride(2) == 1
-
-
 if triton is not None:
 
     @triton.jit
-    def _tile_shrink(
-        x_desc, a_ptr, token_slots_ptr, tile_slots_ptr, shrunk_ptr, done_ptr, row, M, K, rank_total,
-        stride_a_slot, stride_a_row, stride_shrunk, stride_tile,
-        RANK_TOTAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_ROWS: tl.constexpr,
-    ):
-        """shrunk[t] = x[t] @ A[slot of t].T for the BLOCK_M rows from `row`, one pass over K per
-        adapter of the tile (the tile's rows stay in L2 after the first); then sets *done_ptr."""
-        rows = row + tl.arange(0, BLOCK_M)
-        row_slots = tl.load(token_slots_ptr + rows, mask=rows < M, other=0)
-        ranks = tl.arange(0, RANK_TOTAL)
-        rank_live = ranks < rank_total
-        tile_entry = tile_slots_ptr + (row // TABLE_ROWS) * stride_tile
-        shrunk = tl.zeros((BLOCK_M, RANK_TOTAL), dtype=tl.float32)
-        for run in range(tl.load(tile_entry)):
-            slot = tl.load(tile_entry + 1 + run)
-            a_rows = a_ptr + slot.to(tl.int64) * stride_a_slot + ranks[None, :] * stride_a_row  # [1, RT]
-            run_shrunk = tl.zeros((BLOCK_M, RANK_TOTAL), dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                a_tile = tl.load(a_rows + (k + tl.arange(0, BLOCK_K))[:, None], mask=rank_live[None, :], other=0.0)
-                run_shrunk = tl.dot(x_desc.load([row, k]), a_tile, run_shrunk)  # [BM, RT]
-            shrunk = tl.where((row_slots == slot)[:, None], run_shrunk, shrunk)
-        tl.store(shrunk_ptr + rows.to(tl.int64)[:, None] * stride_shrunk + ranks[None, :], shrunk,
-                 mask=(rows < M)[:, None] & rank_live[None, :])
-        tl.debug_barrier()  # every thread's rows stored before the release
-        tl.atomic_xchg(done_ptr, 1, sem="release")
-
-    @triton.jit
     def _lora_gemm_kernel(
-        x_desc, w_desc, out_desc, bias_ptr, b_ptr, token_slots_ptr, tile_slots_ptr, shrunk_ptr, a_ptr, sync_ptr,
-        M, N, K, slice_width, rank_capacity, rank_total,
-        stride_b_slot, stride_b_row, stride_shrunk, stride_tile, stride_a_slot, stride_a_row,
-        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SHRINK_HERE: tl.constexpr, ACTIVATION: tl.constexpr,
-        RANK: tl.constexpr, RANK_TOTAL: tl.constexpr,
+        x_desc, w_desc, out_desc, bias_ptr, b_ptr, token_slots_ptr, tile_slots_ptr, shrunk_ptr,
+        M, N, K, slice_width, rank_capacity, stride_b_slot, stride_b_row, stride_shrunk, stride_tile,
+        HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACTIVATION: tl.constexpr, RANK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TABLE_ROWS: tl.constexpr,
     ):
         # The TMA descriptors come from the host. Built by each program instead
         # (tl.make_tensor_descriptor), they cost up to 30 µs more GPU time per call (NOTES, item 29).
         # Output tiles in groups of GROUP_M tile rows, so a group's weight tiles stay in L2.
+        pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
-        if SHRINK_HERE:
-            # Each group of GROUP_M tile rows starts with one shrink program per tile row, then its
-            # output tiles. Programs take their place in that order from a counter, so a program
-            # that waits for a shrink only ever waits for one that has already started.
-            pid = tl.atomic_add(sync_ptr, 1)
-            group_span = GROUP_M * (1 + tiles_n)
-            first_m = (pid // group_span) * GROUP_M
-            group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-            offset = pid % group_span
-            tile_index = offset - group_rows  # negative: a shrink program
-            tile_m = first_m + tl.where(tile_index < 0, offset, tile_index % group_rows)
-            tile_n = tile_index // group_rows
-            if tile_index < 0:
-                _tile_shrink(x_desc, a_ptr, token_slots_ptr, tile_slots_ptr, shrunk_ptr, sync_ptr + 1 + tile_m,
-                             tile_m * BLOCK_M, M, K, rank_total, stride_a_slot, stride_a_row, stride_shrunk,
-                             stride_tile, RANK_TOTAL, BLOCK_M, BLOCK_K, TABLE_ROWS)
-                return
-        else:
-            pid = tl.program_id(0)
-            group_width = GROUP_M * tiles_n
-            first_m = (pid // group_width) * GROUP_M
-            group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-            tile_m = first_m + (pid % group_width) % group_rows
-            tile_n = (pid % group_width) // group_rows
+        group_width = GROUP_M * tiles_n
+        first_m = (pid // group_width) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        tile_m = first_m + (pid % group_width) % group_rows
+        tile_n = (pid % group_width) // group_rows
         row = tile_m * BLOCK_M
         column = tile_n * BLOCK_N
         rows = row + tl.arange(0, BLOCK_M)
@@ -200,10 +147,6 @@ if triton is not None:
             # TMA loads; rows past M read as zeros
             acc = tl.dot(x_desc.load([row, k]), w_desc.load([column, k]).T, acc)
         if HAS_LORA:
-            if SHRINK_HERE:  # wait for this tile row's shrink
-                while tl.atomic_add(sync_ptr + 1 + tile_m, 0, sem="acquire") == 0:
-                    pass
-                tl.debug_barrier()
             row_slots = tl.load(token_slots_ptr + rows, mask=rows < M, other=0)
             ranks = tl.arange(0, RANK)
             rank_live = ranks < rank_capacity
@@ -213,8 +156,7 @@ if triton is not None:
             tile_entry = tile_slots_ptr + (row // TABLE_ROWS) * stride_tile  # BLOCK_M divides TABLE_ROWS
             for run in range(tl.load(tile_entry)):
                 slot = tl.load(tile_entry + 1 + run)
-                shrunk = tl.load(shrunk_rows, mask=(row_slots == slot)[:, None] & rank_live[None, :], other=0.0,
-                                 cache_modifier=".cg")  # from L2: another program may have just written it
+                shrunk = tl.load(shrunk_rows, mask=(row_slots == slot)[:, None] & rank_live[None, :], other=0.0)
                 b_tile = tl.load(
                     b_ptr + slot.to(tl.int64) * stride_b_slot + columns[None, :] * stride_b_row + ranks[:, None],
                     mask=rank_live[:, None], other=0.0,
@@ -233,8 +175,10 @@ if triton is not None:
 
 
 # (BLOCK_N cap, BLOCK_K, num_warps, num_stages[, BLOCK_M]) per activation code, chosen by
-# benchmarks/lora_gemm_bench.py (H200, 16k tokens, 64 adapters; results/lora-gemm-2026-11-28-h200.md).
-LAUNCHES = {1: (128, 64, 8, 3)}
+# benchmarks/lora_gemm_bench.py (H200, 16k tokens, 64 adapters; results/lora-gemm-2026-11-28-h200.md,
+# lora-gemm-sweep-2026-11-28-h200.md). Two stages for the three linears without an activation: the
+# layer stack with 64 adapters took 2.5% less GPU time than with three (results/lora-fusion-2026-11-28-h200-launch-s2.md).
+LAUNCHES = {0: (128, 64, 4, 2), 1: (128, 64, 8, 3)}
 DEFAULT_LAUNCH = (128, 64, 4, 3)
 GROUP_M = 8
 
@@ -250,17 +194,14 @@ def lora_gemm(
     tile_slots: torch.Tensor | None = None,
     shrunk: torch.Tensor | None = None,
     launch: tuple | None = None,
-    lora_a_cat: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """activation(x @ W.T + bias + shrunk[t] @ B[slot of t].T) in one kernel, shrunk[t] = x[t] @ A[slot].T;
-    no LoRA without `shrunk` or `lora_a_cat`.
+    """activation(x @ W.T + bias + shrunk[t] @ B[slot of t].T) in one kernel; no LoRA without `shrunk`.
 
     x: [T, in]; weight: [out, in] contiguous; lora_b_cat: [slots, out, R] with the scaling folded
     in (`layers.SegmentedLoraLinear`'s layout); slice_width: out / slices; token_slots: [T] int32;
-    tile_slots: `tile_slot_table` of the batch as int32 on the device. The shrink either comes in
-    `shrunk` [T, slices * R] float32 (`sgmv_triton.sgmv_shrink`; rows of base tokens are never
-    read), or is computed by the same launch from `lora_a_cat` [slots, slices * R, in]
-    (`shrink_in_gemm_supported`). Needs `lora_gemm_supported`. Returns [T, out]."""
+    tile_slots: `tile_slot_table` of the batch as int32 on the device; shrunk: [T, slices * R]
+    float32 (`sgmv_triton.sgmv_shrink`; rows of base tokens are never read). Needs
+    `lora_gemm_supported`. Returns [T, out]."""
     total, in_features = x.shape
     out_features = weight.shape[0]
     out = torch.empty(total, out_features, device=x.device, dtype=x.dtype)
@@ -272,28 +213,20 @@ def lora_gemm(
     block_k = block_k if in_features % block_k == 0 else 64
     slice_width = slice_width or out_features
     block_n = block_n_for(out_features, slice_width, block_cap)
-    shrink_here = lora_a_cat is not None
-    has_lora = shrink_here or shrunk is not None
-    tiles_m, tiles_n = triton.cdiv(total, block_m), out_features // block_n
-    rank_total = lora_a_cat.shape[1] if shrink_here else 0
-    if shrink_here:
-        shrunk = torch.empty(total, rank_total, device=x.device, dtype=torch.float32)
-        sync = torch.zeros(1 + tiles_m, device=x.device, dtype=torch.int32)  # program counter, shrinks done
+    has_lora = shrunk is not None
     placeholder = weight  # pointers the kernel does not read
-    _lora_gemm_kernel[(tiles_m * (tiles_n + shrink_here),)](
+    grid = (triton.cdiv(total, block_m) * (out_features // block_n),)
+    _lora_gemm_kernel[grid](
         TensorDescriptor.from_tensor(x, [block_m, block_k]),
         TensorDescriptor.from_tensor(weight, [block_n, block_k]),
         TensorDescriptor.from_tensor(out, [block_m, block_n]),
         bias if bias is not None else placeholder,
         *((lora_b_cat, token_slots, tile_slots, shrunk) if has_lora else (placeholder,) * 4),
-        *((lora_a_cat, sync) if shrink_here else (placeholder,) * 2),
-        total, out_features, in_features, slice_width, lora_b_cat.shape[2] if has_lora else 0, rank_total,
+        total, out_features, in_features, slice_width, lora_b_cat.shape[2] if has_lora else 0,
         *((lora_b_cat.stride(0), lora_b_cat.stride(1), shrunk.stride(0), tile_slots.stride(0))
           if has_lora else (0,) * 4),
-        *((lora_a_cat.stride(0), lora_a_cat.stride(1)) if shrink_here else (0, 0)),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, SHRINK_HERE=shrink_here, ACTIVATION=code,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, ACTIVATION=code,
         RANK=max(16, triton.next_power_of_2(lora_b_cat.shape[2])) if has_lora else 16,
-        RANK_TOTAL=max(16, triton.next_power_of_2(rank_total)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, TABLE_ROWS=TILE_ROWS,
         num_warps=num_warps, num_stages=num_stages,
     )
