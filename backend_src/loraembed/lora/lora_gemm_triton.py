@@ -175,9 +175,10 @@ if triton is not None:
 
 
 # (BLOCK_N cap, BLOCK_K, num_warps, num_stages[, BLOCK_M]) per activation code, chosen by
-# benchmarks/lora_gemm_bench.py (H200, 16k tokens, 64 adapters; results/lora-gemm-2026-11-28-h200.md,
-# lora-gemm-sweep-2026-11-28-h200.md). Two stages for the three linears without an activation: the
-# layer stack with 64 adapters took 2.5% less GPU time than with three (results/lora-fusion-2026-11-28-h200-launch-s2.md).
+# benchmarks/lora_gemm_bench.py (H200, 16k tokens, 64 adapters; results/lora-gemm-2026-11-28-h200.md
+# and lora-gemm-sweep-2026-11-28-h200.md). Two stages for the three linears without an activation:
+# with them the layer stack took ~2.5% less GPU time with 64 adapters than with three
+# (results/lora-fusion-2026-11-28-h200-launch-s2.md).
 LAUNCHES = {0: (128, 64, 4, 2), 1: (128, 64, 8, 3)}
 DEFAULT_LAUNCH = (128, 64, 4, 3)
 GROUP_M = 8
