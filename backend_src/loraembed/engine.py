@@ -275,22 +275,26 @@ class EmbeddingEngine:
         return results  # type: ignore[return-value]
 
     def _validate_all(self, requests: Sequence[EncoderRequest], results: list) -> _ValidRequests:
-        """`validate` for every request, in arrival order. Requests without parameters, with at most
-        one adapter id and [n, L] signed-integer inputs ("plain": what the tokenizer sends) are
-        checked together, a few numpy calls for all of them; a plain request that fails those
-        checks (padding, an id out of range) goes through `validate`, which names its problem."""
+        """`validate` for every request, in arrival order. Requests without parameters, with one
+        adapter id or one per row, and [n, L] signed-integer inputs ("plain": what the tokenizer
+        sends, padded or not) are checked together, a few numpy calls for all of them; a plain
+        request that fails those checks (a mask that is not right padding, an id out of range)
+        goes through `validate`, which names its problem."""
         max_rows, max_len = self.serving.max_texts_per_request, self.settings.max_seq_len
         plain: list[int] = []
+        ids_per_row = False  # some plain request names one adapter per row
         for index, request in enumerate(requests):
             ids, mask, adapter_ids = request.input_ids, request.attention_mask, request.adapter_ids
             if (
-                not request.parameters and (adapter_ids is None or len(adapter_ids) == 1)
+                not request.parameters
                 and type(ids) is np.ndarray and type(mask) is np.ndarray and ids.ndim == 2 and ids.shape == mask.shape
                 and ids.dtype.kind == "i" and mask.dtype.kind == "i"
                 and 0 < ids.shape[0] <= max_rows and 0 < ids.shape[1] <= max_len
+                and (adapter_ids is None or len(adapter_ids) == 1 or len(adapter_ids) == ids.shape[0])
             ):
                 plain.append(index)
-        plain_part, plain_ok = self._validate_plain([requests[index] for index in plain], plain)
+                ids_per_row = ids_per_row or (adapter_ids is not None and len(adapter_ids) > 1)
+        plain_part, plain_ok = self._validate_plain([requests[index] for index in plain], plain, ids_per_row)
         if len(plain_ok) == len(requests):
             return plain_part
         parts, run_start, position = [], 0, 0  # plain_part's requests between others, as runs
@@ -310,9 +314,13 @@ class EmbeddingEngine:
             parts.append(plain_part.select(list(range(run_start, position))))
         return _ValidRequests.concatenate(parts) if parts else plain_part.select([])
 
-    def _validate_plain(self, requests: list[EncoderRequest], indices: list[int]) -> tuple[_ValidRequests, list[int]]:
-        """The plain requests whose masks are all ones and ids in the vocabulary (`validate`'s
-        no-padding path, vectorized), and their indices."""
+    def _validate_plain(
+        self, requests: list[EncoderRequest], indices: list[int], ids_per_row: bool
+    ) -> tuple[_ValidRequests, list[int]]:
+        """The plain requests that `validate` accepts, checked together, and their indices: masks of
+        0s and 1s, right padding, no empty row, real token ids in the vocabulary (padding
+        positions may hold any id). Widths were checked against max_seq_len by the caller.
+        `ids_per_row`: some request names one adapter per row (else one or none each)."""
         empty = np.zeros(0, dtype=np.int64)
         if not requests:
             return _ValidRequests([], [], empty, empty, empty, []), []
@@ -320,24 +328,50 @@ class EmbeddingEngine:
         widths = np.array([request.input_ids.shape[1] for request in requests], dtype=np.int64)  # [R]
         ids = np.concatenate([request.input_ids.reshape(-1) for request in requests])  # [sum of n * L]
         mask = np.concatenate([request.attention_mask.reshape(-1) for request in requests])
-        starts = offsets(rows * widths)[:-1]
-        ok = (
-            (np.minimum.reduceat(mask, starts) == 1) & (np.maximum.reduceat(mask, starts) == 1)
-            & (np.minimum.reduceat(ids, starts) >= 0)
-            & (np.maximum.reduceat(ids, starts) < self.settings.encoder_config.vocab_size)
-        )  # [R]
-        adapter_ids = [BASE_ADAPTER_ID if request.adapter_ids is None else request.adapter_ids[0] for request in requests]
+        starts = offsets(rows * widths)[:-1]  # each request's first element
+        mask_min = np.minimum.reduceat(mask, starts)  # [R]
+        ok = (mask_min >= 0) & (np.maximum.reduceat(mask, starts) <= 1)
+        if (mask_min == 0).any():  # some padding (or a bad mask)
+            request_rows = offsets(rows)  # [R+1] each request's first row, then N
+            row_starts = offsets(np.repeat(widths, rows))[:-1]  # [N] each row's first element
+            real = mask != 0
+            lengths = np.add.reduceat(real, row_starts, dtype=np.int64)  # [N]
+            ok &= np.minimum.reduceat(lengths, request_rows[:-1]) > 0  # no all-zero row
+            # Right padding: along the flat mask, a 0 followed by a 1 only where a new row starts.
+            rises = np.flatnonzero(mask[1:] > mask[:-1]) + 1
+            inside = rises[row_starts[np.searchsorted(row_starts, rises, side="right") - 1] != rises]
+            ok[np.searchsorted(starts, inside, side="right") - 1] = False
+            token_ids = ids[real]
+            token_starts = offsets(np.add.reduceat(lengths, request_rows[:-1]))  # [R+1] over token_ids
+            checked = np.append(token_ids, 0)  # a request without tokens (rejected above) reads the spare 0
+        else:  # every row `width` tokens
+            lengths = np.repeat(widths, rows)
+            token_ids, token_starts = ids, offsets(rows * widths)
+            checked = ids
+        # Real tokens' ids in the vocabulary (padding positions may hold any id).
+        vocab_size = self.settings.encoder_config.vocab_size
+        ok &= (np.minimum.reduceat(checked, token_starts[:-1]) >= 0) & (np.maximum.reduceat(checked, token_starts[:-1]) < vocab_size)
         if not ok.all():
-            ids = ids[np.repeat(ok, rows * widths)]
-            rows, widths = rows[ok], widths[ok]
+            token_ids = token_ids[np.repeat(ok, np.diff(token_starts))]
+            lengths = lengths[np.repeat(ok, rows)]
+            rows = rows[ok]
             keep = np.flatnonzero(ok).tolist()
-            indices, adapter_ids = [indices[k] for k in keep], [adapter_ids[k] for k in keep]
-        if np.all(rows == 1):  # one text per request (most calls): one row per adapter id
-            row_adapters = adapter_ids
+            indices, requests = [indices[k] for k in keep], [requests[k] for k in keep]
+        if not ids_per_row:
+            first = [BASE_ADAPTER_ID if request.adapter_ids is None else request.adapter_ids[0] for request in requests]
+            if np.all(rows == 1):  # one text per request (most calls): one row per adapter id
+                row_adapters = first
+            else:
+                row_adapters = [adapter_id for adapter_id, n in zip(first, rows.tolist()) for _ in range(n)]
         else:
-            row_adapters = [adapter_id for adapter_id, n in zip(adapter_ids, rows.tolist()) for _ in range(n)]
+            row_adapters = [
+                adapter_id
+                for request, n in zip(requests, rows.tolist())
+                for adapter_id in (request.adapter_ids if request.adapter_ids is not None and len(request.adapter_ids) == n
+                                   else [BASE_ADAPTER_ID if request.adapter_ids is None else request.adapter_ids[0]] * n)
+            ]
         options = [self._default_options] * len(indices)
-        valid = _ValidRequests(indices, options, rows, ids.astype(np.int64, copy=False), np.repeat(widths, rows), row_adapters)
+        valid = _ValidRequests(indices, options, rows, token_ids.astype(np.int64, copy=False), lengths.astype(np.int64, copy=False), row_adapters)
         return valid, indices
 
     def _groups_within_adapter_slots(self, valid: _ValidRequests, results: list) -> list[_ValidRequests]:

@@ -275,7 +275,7 @@ def test_many_one_text_requests_in_one_call_equal_each_alone(engine):
         ids, mask = ids_and_mask([length])
         requests.append(request(ids.astype([np.int64, np.int32][position % 2]), mask, adapter_ids=[[""], None][position % 3 > 0]))
     padded_ids, padded_mask = ids_and_mask([7, 3, 5])
-    requests[5] = request(padded_ids, padded_mask)  # padding: validated alone
+    requests[5] = request(padded_ids, padded_mask)  # padding
     requests[6] = BAD_REQUESTS["id = vocab size, unpadded"][0]
     requests[11] = BAD_REQUESTS["negative id, unpadded"][0]
     requests[12] = request(*ids_and_mask([4, 4]), normalize=True)  # parameters: validated alone
@@ -292,3 +292,55 @@ def test_many_one_text_requests_in_one_call_equal_each_alone(engine):
         else:
             assert got.dtype == np.float32 and got.shape == alone.shape
             np.testing.assert_allclose(got, alone, rtol=0, atol=1e-6)
+
+
+def test_plain_requests_checked_together_match_validate(engine, monkeypatch):
+    """The check of plain requests together (padded or not; one adapter id, or one per row)
+    accepts exactly the requests `validate` accepts, with the same tokens, lengths and adapter ids
+    per row, and leaves the others to `validate`'s own errors."""
+    rng = np.random.default_rng(11)
+    requests = []
+    for position in range(80):
+        lengths = rng.integers(1, MAX_SEQ_LEN + 1, int(rng.integers(1, 6))).tolist()
+        width = min(MAX_SEQ_LEN, max(lengths) + int(rng.integers(0, 4)))
+        pad_id = int(rng.choice([1, VOCAB_SIZE, 10**9, -5]))  # padding positions may hold any id
+        ids, mask = ids_and_mask(lengths, width, pad_id)
+        dtype = [np.int64, np.int32][position % 2]
+        adapter_ids = [None, [""], [""] * len(lengths), [f"tenant-{row}" for row in range(len(lengths))]][position % 4]
+        requests.append(request(ids.astype(dtype), mask.astype(dtype), adapter_ids))
+    requests[3] = BAD_REQUESTS["mask value 2"][0]
+    requests[10] = BAD_REQUESTS["left padded"][0]
+    requests[17] = BAD_REQUESTS["hole in mask"][0]
+    requests[24] = BAD_REQUESTS["all-zero mask row"][0]
+    requests[31] = BAD_REQUESTS["id = vocab size"][0]
+    requests[38] = BAD_REQUESTS["negative id, unpadded"][0]
+    requests[45] = BAD_REQUESTS["mask value -1"][0]
+    requests[52] = request(adapter_ids=["", "", ""])  # 3 ids for 2 rows
+    requests[59] = request(normalize=True)  # parameters: not plain
+    results = [None] * len(requests)
+    validated_alone = []
+    validate = engine.validate
+    positions = {id(encoder_request): index for index, encoder_request in enumerate(requests)}
+    monkeypatch.setattr(engine, "validate", lambda r: validated_alone.append(positions[id(r)]) or validate(r))
+    got = engine._validate_all(requests, results)
+    monkeypatch.undo()
+    assert validated_alone == [3, 10, 17, 24, 31, 38, 45, 52, 59]  # the good plain requests went together
+
+    accepted, errors = [], {}
+    for index, encoder_request in enumerate(requests):
+        try:
+            accepted.append((index, engine.validate(encoder_request)))
+        except RequestError as error:
+            errors[index] = error
+    assert len(errors) == 8 and 59 not in errors
+    for index, result in enumerate(results):
+        if index in errors:
+            assert type(result) is type(errors[index]) and str(result) == str(errors[index])
+        else:
+            assert result is None
+    assert got.indices == [index for index, _ in accepted]
+    np.testing.assert_array_equal(got.rows, [len(valid.lengths) for _, valid in accepted])
+    np.testing.assert_array_equal(got.lengths, np.concatenate([valid.lengths for _, valid in accepted]))
+    np.testing.assert_array_equal(got.token_ids, np.concatenate([valid.token_ids for _, valid in accepted]))
+    assert got.token_ids.dtype == np.int64 and got.lengths.dtype == np.int64
+    assert got.row_adapters == [adapter_id for _, valid in accepted for adapter_id in valid.adapter_ids]
