@@ -18,7 +18,8 @@ same shared-memory tiles and kept for the block's output tiles.
 
 The kernel: out[M, N] = x[M, K] @ weight[N, K].T + bias, programs = SMs, tiles in groups of GROUP_M
 tile rows (L2 reuse of the weight), a config = BLOCK_N, STAGES (BLOCK_M 128, BLOCK_K 64, 8 warps).
-The table (card, date, µs per call, TFLOP/s, max abs error against float32) prints last.
+Rows per shape: cuBLAS, the code's Triton GEMM without LoRA (`lora_gemm_triton.lora_gemm`), and each
+config. The table (card, date, µs per call, TFLOP/s, max abs error against float32) prints last.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def compile_for_sm90(block_n: int, stages: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--configs", nargs="+", default=["128,4", "256,3"], help="BLOCK_N,STAGES")
+    parser.add_argument("--configs", nargs="+", default=["128,3", "128,4", "256,3"], help="BLOCK_N,STAGES")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -208,7 +209,9 @@ def main() -> None:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
     from lora_kernel_sweep import microseconds, write_table  # noqa: E402
+    from loraembed.lora.lora_gemm_triton import lora_gemm  # noqa: E402
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -222,6 +225,9 @@ def main() -> None:
         cublas_us = microseconds(lambda: F.linear(x, weight, bias))
         rows.append((name, "cuBLAS (F.linear)", cublas_us, flops,
                      (F.linear(x, weight, bias).float() - reference).abs().max().item()))
+        rows.append((name, "Triton, one program per tile (lora_gemm without LoRA)",
+                     microseconds(lambda: lora_gemm(x, weight, bias)), flops,
+                     (lora_gemm(x, weight, bias).float() - reference).abs().max().item()))
         for block_n, stages in configs:
             if out_features % block_n:
                 continue
