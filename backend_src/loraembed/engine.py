@@ -328,7 +328,8 @@ class EmbeddingEngine:
         widths = np.array([request.input_ids.shape[1] for request in requests], dtype=np.int64)  # [R]
         ids = np.concatenate([request.input_ids.reshape(-1) for request in requests])  # [sum of n * L]
         mask = np.concatenate([request.attention_mask.reshape(-1) for request in requests])
-        starts = offsets(rows * widths)[:-1]  # each request's first element
+        element_starts = offsets(rows * widths)  # [R+1] each request's first element, then the total
+        starts = element_starts[:-1]
         mask_min = np.minimum.reduceat(mask, starts)  # [R]
         ok = (mask_min >= 0) & (np.maximum.reduceat(mask, starts) <= 1)
         if (mask_min == 0).any():  # some padding (or a bad mask)
@@ -343,14 +344,15 @@ class EmbeddingEngine:
             ok[np.searchsorted(starts, inside, side="right") - 1] = False
             token_ids = ids[real]
             token_starts = offsets(np.add.reduceat(lengths, request_rows[:-1]))  # [R+1] over token_ids
-            checked = np.append(token_ids, 0)  # a request without tokens (rejected above) reads the spare 0
         else:  # every row `width` tokens
             lengths = np.repeat(widths, rows)
-            token_ids, token_starts = ids, offsets(rows * widths)
-            checked = ids
-        # Real tokens' ids in the vocabulary (padding positions may hold any id).
-        vocab_size = self.settings.encoder_config.vocab_size
-        ok &= (np.minimum.reduceat(checked, token_starts[:-1]) >= 0) & (np.maximum.reduceat(checked, token_starts[:-1]) < vocab_size)
+            token_ids, token_starts = ids, element_starts
+        # Real tokens' ids in the vocabulary (padding positions may hold any id). A request without
+        # tokens (rejected above) may start at the end: it reads the last token instead.
+        if len(token_ids):
+            first_tokens = np.minimum(token_starts[:-1], len(token_ids) - 1)
+            vocab_size = self.settings.encoder_config.vocab_size
+            ok &= (np.minimum.reduceat(token_ids, first_tokens) >= 0) & (np.maximum.reduceat(token_ids, first_tokens) < vocab_size)
         if not ok.all():
             token_ids = token_ids[np.repeat(ok, np.diff(token_starts))]
             lengths = lengths[np.repeat(ok, rows)]
