@@ -18,8 +18,8 @@ Per linear, the rows are:
   ("LoRA"; both kernels timed).
 The error column is the largest absolute difference of the linear's output (before the consumer)
 from a float32 reference (F.linear, then `segmented.apply_segmented_lora`, then the activation).
-Microseconds per call are medians of triton.testing.do_bench; "host µs" is the time the host takes
-to queue one call (50 in a row). The table (card, date) prints last.
+Microseconds per call are GPU time from CUDA-graph replays (`lora_kernel_sweep.microseconds`);
+"host µs" is the time the host takes to queue one call (50 in a row), which graphs hide. The table (card, date) prints last.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fused_ops import ACTIVATION_CODES, ACTIVATIONS
+from .lora_gemm_gluon import gluon_lora_gemm, gluon_lora_gemm_supported
 from .segmented import adapter_run_arrays, apply_segmented_lora, positions_in_groups
 
 try:
@@ -98,13 +99,17 @@ def block_n_for(out_features: int, slice_width: int, cap: int = 256) -> int | No
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    if device.index not in _CAPABILITY:
+        _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
+    return _CAPABILITY[device.index]
+
+
 def lora_gemm_supported(x: torch.Tensor, weight: torch.Tensor, slice_width: int, rank: int) -> bool:
     if triton is None or not x.is_cuda:
         return False
-    if x.device.index not in _CAPABILITY:
-        _CAPABILITY[x.device.index] = torch.cuda.get_device_capability(x.device)
     return (
-        _CAPABILITY[x.device.index][0] >= 9  # TMA loads and stores
+        _capability(x.device)[0] >= 9  # TMA loads and stores
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and x.dim() == 2
@@ -195,6 +200,7 @@ def lora_gemm(
     tile_slots: torch.Tensor | None = None,
     shrunk: torch.Tensor | None = None,
     launch: tuple | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """activation(x @ W.T + bias + shrunk[t] @ B[slot of t].T) in one kernel; no LoRA without `shrunk`.
 
@@ -202,9 +208,19 @@ def lora_gemm(
     in (`layers.SegmentedLoraLinear`'s layout); slice_width: out / slices; token_slots: [T] int32;
     tile_slots: `tile_slot_table` of the batch as int32 on the device; shrunk: [T, slices * R]
     float32 (`sgmv_triton.sgmv_shrink`; rows of base tokens are never read). Needs
-    `lora_gemm_supported`. Returns [T, out]."""
+    `lora_gemm_supported`. kernel: "gluon" (`lora_gemm_gluon`, warp-specialized; needs
+    `gluon_lora_gemm_supported`), "triton" (this module's), or "auto": the Gluon one where it
+    applies when no `launch` is given (a launch setting is the chosen kernel's; benchmarks).
+    Returns [T, out]."""
     total, in_features = x.shape
     out_features = weight.shape[0]
+    rank = lora_b_cat.shape[2] if shrunk is not None else 0
+    if kernel == "gluon" or (
+        kernel == "auto" and launch is None
+        and gluon_lora_gemm_supported(_capability(x.device), x, out_features, slice_width, rank)
+    ):
+        return gluon_lora_gemm(x, weight, bias, activation, lora_b_cat, slice_width, token_slots, tile_slots, shrunk,
+                               launch)
     out = torch.empty(total, out_features, device=x.device, dtype=x.dtype)
     if total == 0:
         return out
