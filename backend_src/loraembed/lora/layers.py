@@ -14,8 +14,9 @@ How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing sync
 - every row one adapter (no base rows): each linear merges W + B A of that slot into a scratch
   weight (one Triton pass over W; a batched addmm on the CPU) and runs one GEMM: no shrink, no expand;
 - mixed adapters (and base rows), on a GPU with TMA (sm_90): the shrink over a block table, then
-  one Triton GEMM that adds each token's expand in its epilogue, with the activation after it
-  (`lora_gemm_triton.py`; its tile table is planned with the block table);
+  one GEMM that adds each token's expand in its epilogue, with the activation after it
+  (`lora_gemm_triton.lora_gemm`: the Gluon kernel of `lora_gemm_gluon.py` on sm_90 for bf16 and
+  rank capacity 16 or 32, else its Triton kernel; the tile table is planned with the block table);
 - mixed adapters elsewhere, or a batch with a tile of more adapters than that table holds: the
   base GEMM, the shrink, and the expand, which `forward_deferred` hands to the consumer's
   elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for intermediate.dense, residual +

@@ -18,8 +18,10 @@ B rows for the tile's columns, one small dot each.
 A fused projection (q | k | v) has one A and B per output slice. BLOCK_N divides the slice width,
 so a tile's columns lie in one slice, and it reads that slice's shrunk columns.
 
-The reference is `lora_gemm_reference`: F.linear, `segmented.apply_segmented_lora`, then the
-activation. The GPU tests compare the kernel with it. Putting the shrink in the GEMM's loop too
+`lora_gemm`, the entry point, runs this kernel or, on sm_90 where it applies, the warp-specialized
+one of `lora_gemm_gluon.py` (same arguments and table; 0.98-1.01x cuBLAS without LoRA against this
+one's 0.94-0.97x, NOTES item 37). The reference is `lora_gemm_reference`: F.linear,
+`segmented.apply_segmented_lora`, then the activation. The GPU tests compare both kernels with it. Putting the shrink in the GEMM's loop too
 lost (benchmarks/NOTES.md, item 29): the extra accumulator cost registers at every output tile.
 """
 
