@@ -5,8 +5,8 @@
 Same arguments, tile table and result as `lora_gemm_triton.lora_gemm`, which picks this kernel on
 sm_90 when `gluon_lora_gemm_supported` says it applies. Why another kernel: the Triton one runs one
 program per output tile, so a tile's LoRA expand (global loads of the shrunk rows and of B, then a
-small dot per adapter of the tile) stalls the tensor cores, and its GEMM alone reached 92-96% of
-cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-36):
+small dot per adapter of the tile) stalls the tensor cores, and its GEMM alone reached 94-97% of
+cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-37):
 
 - programs = SMs, each walking output tiles in groups of GROUP_M tile rows (L2 reuse of W);
 - one loader warp only issues TMA loads: each tile's x and W blocks into a ring of STAGES buffers,
@@ -18,8 +18,9 @@ cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-36):
   zero, from registers; B from the ring), then bias, activation and a TMA store that overlaps the
   next tile's MMAs.
 
-On the H200 this GEMM without LoRA ran at 0.96-1.01x cuBLAS with BLOCK_N 256 and 3 stages
-(results/gluon-gemm-2026-11-28-h200.md). The shrunk values are rounded to the weights' dtype before
+On the H200, with BLOCK_N 256 and 3 stages, this GEMM without LoRA ran at 0.98-1.01x cuBLAS. With
+the expand of 64 rank-16 adapters it took 25 µs per XLM-R base layer more than cuBLAS without LoRA;
+the Triton kernel took 49 µs more (results/gluon-gemm-2026-11-28-h200.md). The shrunk values are rounded to the weights' dtype before
 their MMA, as in the Triton kernel. Rank capacities other than 16 and 32 take the Triton kernel
 (larger ones: the shrunk rows held across the K loop would cost too many registers).
 """
