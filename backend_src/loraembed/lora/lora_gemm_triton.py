@@ -21,8 +21,9 @@ so a tile's columns lie in one slice, and it reads that slice's shrunk columns.
 `lora_gemm`, the entry point, runs this kernel or, on sm_90 where it applies, the warp-specialized
 one of `lora_gemm_gluon.py` (same arguments and table; 0.98-1.01x cuBLAS without LoRA against this
 one's 0.94-0.97x, NOTES item 37). The reference is `lora_gemm_reference`: F.linear,
-`segmented.apply_segmented_lora`, then the activation. The GPU tests compare both kernels with it. Putting the shrink in the GEMM's loop too
-lost (benchmarks/NOTES.md, item 29): the extra accumulator cost registers at every output tile.
+`segmented.apply_segmented_lora`, then the activation. The GPU tests compare both kernels with it.
+Putting the shrink in the GEMM's loop too lost (benchmarks/NOTES.md, item 29): the extra
+accumulator cost registers at every output tile.
 """
 
 from __future__ import annotations
