@@ -359,18 +359,15 @@ class EmbeddingEngine:
             rows = rows[ok]
             keep = np.flatnonzero(ok).tolist()
             indices, requests = [indices[k] for k in keep], [requests[k] for k in keep]
-        if not ids_per_row:
-            first = [BASE_ADAPTER_ID if request.adapter_ids is None else request.adapter_ids[0] for request in requests]
-            if np.all(rows == 1):  # one text per request (most calls): one row per adapter id
-                row_adapters = first
-            else:
-                row_adapters = [adapter_id for adapter_id, n in zip(first, rows.tolist()) for _ in range(n)]
-        else:
+        first = [BASE_ADAPTER_ID if request.adapter_ids is None else request.adapter_ids[0] for request in requests]
+        if not ids_per_row and np.all(rows == 1):  # one text per request (most calls): one row per adapter id
+            row_adapters = first
+        else:  # a request's own ids where it names one per row, else its one id (or none) on every row
             row_adapters = [
                 adapter_id
-                for request, n in zip(requests, rows.tolist())
-                for adapter_id in (request.adapter_ids if request.adapter_ids is not None and len(request.adapter_ids) == n
-                                   else [BASE_ADAPTER_ID if request.adapter_ids is None else request.adapter_ids[0]] * n)
+                for request, first_id, n in zip(requests, first, rows.tolist())
+                for adapter_id in (request.adapter_ids if ids_per_row and request.adapter_ids is not None
+                                   and len(request.adapter_ids) == n else [first_id] * n)
             ]
         options = [self._default_options] * len(indices)
         valid = _ValidRequests(indices, options, rows, token_ids.astype(np.int64, copy=False), lengths.astype(np.int64, copy=False), row_adapters)
