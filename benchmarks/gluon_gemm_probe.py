@@ -61,10 +61,10 @@ def compile_for_sm90(block_n: int, stages: int, has_lora: bool):
         "M": "i32", "N": "i32", "K": "i32", "slice_width": "i32", "rank_capacity": "i32",
         "stride_shrunk": "i32", "stride_tile": "i32",
         "HAS_BIAS": "constexpr", "HAS_LORA": "constexpr", "ACTIVATION": "constexpr", "RANK": "constexpr",
-        "STAGES": "constexpr", "GROUP": "constexpr", "num_warps": "constexpr",
+        "STAGES": "constexpr", "B_STAGES": "constexpr", "GROUP": "constexpr", "num_warps": "constexpr",
     }
     constexprs = {"HAS_BIAS": True, "HAS_LORA": has_lora, "ACTIVATION": 2, "RANK": 16, "STAGES": stages,
-                  "GROUP": GROUP_M, "num_warps": NUM_WARPS}
+                  "B_STAGES": 2, "GROUP": GROUP_M, "num_warps": NUM_WARPS}
     source = GluonASTSource(_gluon_lora_gemm_kernel, signature, constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": NUM_WARPS, "maxnreg": MAX_REGISTERS})

@@ -1,4 +1,4 @@
-"""On the GPU, in bf16: one packed batch mixing base rows and three adapters of different ranks
+"""On the GPU, in bf16: one packed batch mixing base rows and four adapters of different ranks
 (through the Triton shrink and the GEMMs that add the expand in their epilogue)
 matches `peft` in fp32, cosine >= 0.999; so does a batch of one adapter only (merged per linear)."""
 
@@ -22,6 +22,8 @@ ADAPTERS = {
     "r4-qv": dict(r=4, lora_alpha=8, target_modules=["query", "value"]),
     "r16-all-rslora": dict(r=16, lora_alpha=16, use_rslora=True, target_modules=ALL_TARGETS),
     "r64-mlp": dict(r=64, lora_alpha=32, target_modules=["intermediate.dense", "output.dense"]),
+    # attention.output.dense at rank capacity 32, with several adapters in each 128-row tile
+    "r32-attn-out": dict(r=32, lora_alpha=64, target_modules=["attention.output.dense"]),
 }
 
 
@@ -73,9 +75,9 @@ def make_lora_engine(xlmr_base_folder, root, graph_tokens: int = 16384) -> Embed
 GRAPHS = pytest.mark.parametrize("graph_tokens", [16384, 0], ids=["graphs", "eager"])
 
 
-def random_rows(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def random_rows(rows: int, seed: int, shortest: int = 5, longest: int = 300) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return xlmr_rows(rng.integers(5, 300, size=rows), rng)
+    return xlmr_rows(rng.integers(shortest, longest, size=rows), rng)
 
 
 def not_expected(what: str):
@@ -85,7 +87,10 @@ def not_expected(what: str):
 
 
 @GRAPHS
-def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, monkeypatch, graph_tokens):
+# Short rows put every adapter into each 128-token tile: several MMAs per tile in the GEMM's expand.
+@pytest.mark.parametrize("row_count, shortest, longest", [(24, 5, 300), (48, 4, 16)], ids=["rows", "short-rows"])
+def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, monkeypatch, graph_tokens,
+                                                  row_count, shortest, longest):
     root, models = adapters
     engine = make_lora_engine(xlmr_base_folder, root, graph_tokens)
     monkeypatch.setattr(lora_layers, "apply_segmented_lora", not_expected("the reference segmented LoRA"))
@@ -99,8 +104,8 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
     monkeypatch.setattr(lora_layers, "lora_gemm", counted_lora_gemm)
     monkeypatch.setattr(encoder_module, "add_lora_activation", not_expected("the GELU + LoRA pass"))
     names = ["", *ADAPTERS]
-    adapter_ids = [names[i % 4] for i in range(24)]
-    ids, mask = random_rows(24, seed=0)
+    adapter_ids = [names[i % len(names)] for i in range(row_count)]
+    ids, mask = random_rows(row_count, 0, shortest, longest)
     ours = engine.embed([EncoderRequest(ids, mask, adapter_ids, {"normalize": False})])[0]
     # Every linear's expand went into its GEMM's epilogue, intermediate.dense's before the GELU.
     # (A graph's warm-up and capture run the forward three times.)

@@ -10,12 +10,12 @@ cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-37):
 
 - programs = SMs, each walking output tiles in groups of GROUP_M tile rows (L2 reuse of W);
 - one loader warp only issues TMA loads: each tile's x and W blocks into a ring of STAGES buffers,
-  then the B block [BLOCK_N, RANK] of each adapter of the tile into a ring of two, so B is in
-  shared memory before the tile's MMAs end;
+  then the B block [BLOCK_N, RANK] of each adapter of the tile into a ring of two (one where a
+  second would cost an x/W stage), so B is in shared memory before the tile's MMAs end;
 - the default partition (8 warps: two warpgroups on the 128-row tile) loads the tile's shrunk rows
   and row slots into registers before its K loop (their latency hides behind the MMAs), issues
-  the wgmma chain, then one more wgmma per adapter of the tile (A: that slot's shrunk rows, others
-  zero, from registers; B from the ring), then bias, activation and a TMA store that overlaps the
+  the wgmma chain, then one more wgmma per adapter of the tile, one at a time (A: that slot's
+  shrunk rows, others zero, from registers; B from the ring), then bias, activation and a TMA store that overlaps the
   next tile's MMAs.
 
 On the H200, with BLOCK_N 256 and 3 stages, this GEMM without LoRA ran at 0.98-1.01x cuBLAS. With
@@ -59,9 +59,10 @@ SHARED_MEMORY = 232448  # bytes per block on sm_90
 SCRATCH = 2048  # barriers and the epilogue's layout conversion, with room to spare
 
 
-def stages_that_fit(block_n: int, rank: int, wanted: int) -> int:
-    """The most ring stages, up to `wanted`, whose buffers fit in shared memory (bf16)."""
-    fixed = 2 * (BLOCK_M * block_n + 2 * block_n * rank) + SCRATCH  # output tile, B ring of two
+def stages_that_fit(block_n: int, rank: int, wanted: int, b_stages: int = 2) -> int:
+    """The most ring stages, up to `wanted`, whose buffers fit in shared memory (bf16) beside the
+    output tile and a B ring of `b_stages`."""
+    fixed = 2 * (BLOCK_M * block_n + b_stages * block_n * rank) + SCRATCH
     per_stage = 2 * (BLOCK_M + block_n) * BLOCK_K
     return max(1, min(wanted, (SHARED_MEMORY - fixed) // per_stage))
 
@@ -83,8 +84,6 @@ def gluon_lora_gemm_supported(capability: tuple[int, int], x: torch.Tensor, out_
 
 
 if gluon is not None:
-    LORA_STAGES = gl.constexpr(2)  # B blocks in flight
-
     @gluon.jit
     def _tile_coordinates(tile, tiles_m, tiles_n, GROUP: gl.constexpr):
         """Output tile `tile` in groups of GROUP tile rows, column by column inside a group."""
@@ -96,7 +95,8 @@ if gluon is not None:
     @gluon.jit
     def _loader(x_desc, w_desc, b_desc, x_ring, w_ring, b_ring, ready, empty, b_ready, b_empty,
                 tile_slots_ptr, stride_tile, M, N, K, HAS_LORA: gl.constexpr,
-                BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr):
+                BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, B_STAGES: gl.constexpr,
+                GROUP: gl.constexpr):
         """One warp: TMA loads of each tile's x and W blocks into the ring, then the B block of each
         adapter of the tile into the B ring, as far ahead of the MMAs as the rings allow."""
         tiles_m, tiles_n = gl.cdiv(M, BM), gl.cdiv(N, BN)
@@ -116,8 +116,8 @@ if gluon is not None:
                 tile_entry = tile_slots_ptr + tile_m * stride_tile  # the table's tiles are BM rows
                 for run in range(gl.load(tile_entry)):
                     slot = gl.load(tile_entry + 1 + run)
-                    stage = b_issued % LORA_STAGES
-                    mbarrier.wait(b_empty.index(stage), ((b_issued // LORA_STAGES) & 1) ^ 1)
+                    stage = b_issued % B_STAGES
+                    mbarrier.wait(b_empty.index(stage), ((b_issued // B_STAGES) & 1) ^ 1)
                     mbarrier.expect(b_ready.index(stage), b_desc.block_type.nbytes)
                     # B viewed as [slots * N, R]: this slot's rows of the tile's columns
                     tma.async_copy_global_to_shared(b_desc, [slot * N + tile_n * BN, 0], b_ready.index(stage),
@@ -129,7 +129,8 @@ if gluon is not None:
                       token_slots_ptr, tile_slots_ptr, shrunk_ptr, slice_width, rank_capacity, stride_shrunk,
                       stride_tile, M, N, K, HAS_BIAS: gl.constexpr, HAS_LORA: gl.constexpr,
                       ACTIVATION: gl.constexpr, RANK: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                      BK: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
+                      BK: gl.constexpr, STAGES: gl.constexpr, B_STAGES: gl.constexpr, GROUP: gl.constexpr,
+                      num_warps: gl.constexpr):
         """The default partition: wgmma over the ring (one MMA in flight while the next waits for
         its data), one wgmma per adapter of the tile, then bias, activation, and a TMA store that
         runs while the next tile's MMAs start."""
@@ -169,18 +170,18 @@ if gluon is not None:
                 runs = gl.load(tile_entry)
                 for run in range(runs):
                     slot = gl.load(tile_entry + 1 + run)
-                    stage = (b_consumed + run) % LORA_STAGES
+                    stage = (b_consumed + run) % B_STAGES
                     rows_of_slot = gl.where((row_slots == slot)[:, None], shrunk, 0.0).to(gl.bfloat16)
-                    mbarrier.wait(b_ready.index(stage), ((b_consumed + run) // LORA_STAGES) & 1)
+                    mbarrier.wait(b_ready.index(stage), ((b_consumed + run) // B_STAGES) & 1)
                     acc = warpgroup_mma(rows_of_slot, b_ring.index(stage).permute((1, 0)), acc, is_async=True)
-                    # At most this MMA in flight: the previous run's B block goes back to the loader.
-                    acc, _, _ = warpgroup_mma_wait(1, deps=(acc, rows_of_slot, b_ring.index(stage)))
-                    mbarrier.arrive(b_empty.index((b_consumed + run + LORA_STAGES - 1) % LORA_STAGES), pred=run > 0)
-                acc = warpgroup_mma_wait(0, deps=(acc,))
+                    # One run's MMA at a time, its B block back to the loader as soon as it is done.
+                    # Building the next run's A operand while this MMA ran (wait(1)) gave wrong sums
+                    # at rank 32 on an H200, even with this operand kept alive in the wait's deps;
+                    # waiting costs nothing measurable at rank 16 (NOTES item 39).
+                    acc, _, _ = warpgroup_mma_wait(0, deps=(acc, rows_of_slot, b_ring.index(stage)))
+                    mbarrier.arrive(b_empty.index(stage))
                 b_consumed += runs
-                mbarrier.arrive(b_empty.index((b_consumed + LORA_STAGES - 1) % LORA_STAGES), pred=runs > 0)
-            else:
-                acc = warpgroup_mma_wait(0, deps=(acc,))
+            acc = warpgroup_mma_wait(0, deps=(acc,))  # the K loop's last MMA, where no run waited for it
             mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES))
             columns = tile_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
             if HAS_BIAS:
@@ -202,23 +203,23 @@ if gluon is not None:
     def _gluon_lora_gemm_kernel(x_desc, w_desc, out_desc, b_desc, bias_ptr, token_slots_ptr, tile_slots_ptr,
                                 shrunk_ptr, M, N, K, slice_width, rank_capacity, stride_shrunk, stride_tile,
                                 HAS_BIAS: gl.constexpr, HAS_LORA: gl.constexpr, ACTIVATION: gl.constexpr,
-                                RANK: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                                num_warps: gl.constexpr):
+                                RANK: gl.constexpr, STAGES: gl.constexpr, B_STAGES: gl.constexpr,
+                                GROUP: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = out_desc.block_type.shape[0]
         BN: gl.constexpr = out_desc.block_type.shape[1]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        b_ring = gl.allocate_shared_memory(b_desc.dtype, [LORA_STAGES] + b_desc.block_type.shape, b_desc.layout)
+        b_ring = gl.allocate_shared_memory(b_desc.dtype, [B_STAGES] + b_desc.block_type.shape, b_desc.layout)
         out_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        b_ready = gl.allocate_shared_memory(gl.int64, [LORA_STAGES, 1], mbarrier.MBarrierLayout())
-        b_empty = gl.allocate_shared_memory(gl.int64, [LORA_STAGES, 1], mbarrier.MBarrierLayout())
+        b_ready = gl.allocate_shared_memory(gl.int64, [B_STAGES, 1], mbarrier.MBarrierLayout())
+        b_empty = gl.allocate_shared_memory(gl.int64, [B_STAGES, 1], mbarrier.MBarrierLayout())
         for stage in gl.static_range(STAGES):
             mbarrier.init(ready.index(stage), count=1)
             mbarrier.init(empty.index(stage), count=1)
-        for stage in gl.static_range(LORA_STAGES):
+        for stage in gl.static_range(B_STAGES):
             mbarrier.init(b_ready.index(stage), count=1)
             mbarrier.init(b_empty.index(stage), count=1)
         gl.warp_specialize(
@@ -226,9 +227,9 @@ if gluon is not None:
                 (_mma_epilogue, (out_desc, bias_ptr, x_ring, w_ring, b_ring, ready, empty, b_ready, b_empty, out_smem,
                                  token_slots_ptr, tile_slots_ptr, shrunk_ptr, slice_width, rank_capacity,
                                  stride_shrunk, stride_tile, M, N, K, HAS_BIAS, HAS_LORA, ACTIVATION, RANK,
-                                 BM, BN, BK, STAGES, GROUP, num_warps)),
+                                 BM, BN, BK, STAGES, B_STAGES, GROUP, num_warps)),
                 (_loader, (x_desc, w_desc, b_desc, x_ring, w_ring, b_ring, ready, empty, b_ready, b_empty,
-                           tile_slots_ptr, stride_tile, M, N, K, HAS_LORA, BM, BN, BK, STAGES, GROUP)),
+                           tile_slots_ptr, stride_tile, M, N, K, HAS_LORA, BM, BN, BK, STAGES, B_STAGES, GROUP)),
             ],
             [1],  # the loader's warps
             [24],  # its registers per thread (the rest go to the MMA warps)
@@ -290,7 +291,10 @@ def gluon_lora_gemm(
     has_lora = shrunk is not None
     rank_capacity = lora_b_cat.shape[2] if has_lora else 0
     rank = rank_capacity if has_lora else 16
-    stages = stages_that_fit(block_n, rank, launch[1] if launch else LAUNCHES[block_n])
+    wanted = launch[1] if launch else LAUNCHES[block_n]
+    # A B ring of two, unless the second buffer would cost an x/W stage (rank 32 at BLOCK_N 256).
+    b_stages = 2 if stages_that_fit(block_n, rank, wanted) == wanted else 1
+    stages = stages_that_fit(block_n, rank, wanted, b_stages)
     x_layout, w_layout, out_layout, b_layout = shared_layouts(block_n, rank)
     tiles = triton.cdiv(total, BLOCK_M) * (out_features // block_n)
     if x.device.index not in _SMS:
@@ -308,6 +312,6 @@ def gluon_lora_gemm(
         total, out_features, in_features, slice_width, rank_capacity,
         shrunk.stride(0) if has_lora else 0, tile_slots.stride(0) if has_lora else 0,
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, ACTIVATION=ACTIVATION_CODES[activation], RANK=rank,
-        STAGES=stages, GROUP=GROUP_M, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+        STAGES=stages, B_STAGES=b_stages, GROUP=GROUP_M, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
     )
     return out
