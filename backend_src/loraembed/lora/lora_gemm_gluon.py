@@ -6,7 +6,7 @@ Same arguments, tile table and result as `lora_gemm_triton.lora_gemm`, which pic
 sm_90 when `gluon_lora_gemm_supported` says it applies. Why another kernel: the Triton one runs one
 program per output tile, so a tile's LoRA expand (global loads of the shrunk rows and of B, then a
 small dot per adapter of the tile) stalls the tensor cores, and its GEMM alone reached 94-97% of
-cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-37):
+cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-37 and 39):
 
 - programs = SMs, each walking output tiles in groups of GROUP_M tile rows (L2 reuse of W);
 - one loader warp only issues TMA loads: each tile's x and W blocks into a ring of STAGES buffers,
