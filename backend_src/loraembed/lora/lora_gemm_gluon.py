@@ -15,8 +15,8 @@ cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-37 and 39):
 - the default partition (8 warps: two warpgroups on the 128-row tile) loads the tile's shrunk rows
   and row slots into registers before its K loop (their latency hides behind the MMAs), issues
   the wgmma chain, then one more wgmma per adapter of the tile, one at a time (A: that slot's
-  shrunk rows, others zero, from registers; B from the ring), then bias, activation and a TMA store that overlaps the
-  next tile's MMAs.
+  shrunk rows, others zero, from registers; B from the ring), then bias, activation and a TMA
+  store that overlaps the next tile's MMAs.
 
 On the H200, with BLOCK_N 256 and 3 stages, this GEMM without LoRA ran at 0.98-1.01x cuBLAS. With
 the expand of 64 rank-16 adapters it took 25 µs per XLM-R base layer more than cuBLAS without LoRA;
