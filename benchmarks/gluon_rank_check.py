@@ -83,7 +83,8 @@ def main() -> None:
             plain = microseconds(lambda: lg.lora_gemm(x, weight, bias, "identity", kernel="gluon"))
             fused = microseconds(lambda: lg.lora_gemm(x, weight, bias, "identity", lora_b, out_features, token_slots,
                                                       tiles, shrunk, kernel="gluon"))
-            lines.append(f"| {rank} | {in_features} → {out_features} | {plain:.1f} | {fused:.1f} | {fused - plain:+.1f} |")
+            lines.append(f"| {rank} | {in_features} → {out_features} | {plain:.1f} | {fused:.1f} | "
+                         f"{fused - plain:+.1f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

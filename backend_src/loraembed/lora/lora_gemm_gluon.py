@@ -20,8 +20,8 @@ cuBLAS at the XLM-R base shapes. Here (benchmarks/NOTES.md items 35-37 and 39):
 
 On the H200, with BLOCK_N 256 and 3 stages, this GEMM without LoRA ran at 0.98-1.01x cuBLAS. With
 the expand of 64 rank-16 adapters it took 25 µs per XLM-R base layer more than cuBLAS without LoRA;
-the Triton kernel took 49 µs more (results/gluon-gemm-2026-11-28-h200.md). The shrunk values are rounded to the weights' dtype before
-their MMA, as in the Triton kernel. Rank capacities other than 16 and 32 take the Triton kernel
+the Triton kernel took 49 µs more (results/gluon-gemm-2026-11-28-h200.md). The shrunk values are
+rounded to the weights' dtype before their MMA, as in the Triton kernel. Rank capacities other than 16 and 32 take the Triton kernel
 (larger ones: the shrunk rows held across the K loop would cost too many registers).
 """
 
