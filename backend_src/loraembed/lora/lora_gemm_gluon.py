@@ -67,6 +67,14 @@ def stages_that_fit(block_n: int, rank: int, wanted: int, b_stages: int = 2) -> 
     return max(1, min(wanted, (SHARED_MEMORY - fixed) // per_stage))
 
 
+@functools.lru_cache(maxsize=None)
+def ring_sizes(block_n: int, rank: int, wanted: int) -> tuple[int, int]:
+    """(x/W ring stages, B ring buffers): a B ring of two, unless the second buffer would cost an
+    x/W stage (rank 32 at BLOCK_N 256); then one. Cached: it runs at every launch."""
+    b_stages = 2 if stages_that_fit(block_n, rank, wanted) == wanted else 1
+    return stages_that_fit(block_n, rank, wanted, b_stages), b_stages
+
+
 def gluon_lora_gemm_supported(capability: tuple[int, int], x: torch.Tensor, out_features: int, slice_width: int,
                               rank: int) -> bool:
     """Where the Gluon kernel applies, given that `lora_gemm_triton.lora_gemm_supported` holds:
@@ -291,10 +299,7 @@ def gluon_lora_gemm(
     has_lora = shrunk is not None
     rank_capacity = lora_b_cat.shape[2] if has_lora else 0
     rank = rank_capacity if has_lora else 16
-    wanted = launch[1] if launch else LAUNCHES[block_n]
-    # A B ring of two, unless the second buffer would cost an x/W stage (rank 32 at BLOCK_N 256).
-    b_stages = 2 if stages_that_fit(block_n, rank, wanted) == wanted else 1
-    stages = stages_that_fit(block_n, rank, wanted, b_stages)
+    stages, b_stages = ring_sizes(block_n, rank, launch[1] if launch else LAUNCHES[block_n])
     x_layout, w_layout, out_layout, b_layout = shared_layouts(block_n, rank)
     tiles = triton.cdiv(total, BLOCK_M) * (out_features // block_n)
     if x.device.index not in _SMS:
