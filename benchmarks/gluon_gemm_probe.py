@@ -8,7 +8,8 @@ tokens, bf16, with and without the LoRA expand in the epilogue.
         with Triton 3.6.0 from PyPI on a CPU machine)
 
 A config is BLOCK_N, STAGES (BLOCK_M 128, BLOCK_K 64, 8 MMA warps and one loader warp). Rows per
-shape: cuBLAS; the Triton kernel without LoRA and with the expand in its epilogue (the engine's path
+shape: cuBLAS; cuBLAS and then the separate expand (the layers' path for linears of few output
+tiles); the Triton kernel without LoRA and with the expand in its epilogue (the engine's path
 for mixed-adapter batches before the Gluon one); each Gluon config without and with the expand. The
 LoRA rows time the GEMM only: the shrink (`lora_shrink`) runs once before. Times are GPU time from
 CUDA-graph replays (`lora_kernel_sweep.microseconds`). The table (card, date, µs per call, TFLOP/s,
@@ -100,7 +101,7 @@ def main() -> None:
     from lora_kernel_sweep import microseconds, write_table  # noqa: E402
     from loraembed.lora.lora_gemm_gluon import gluon_lora_gemm  # noqa: E402
     from loraembed.lora.lora_gemm_triton import block_n_for, lora_gemm, lora_gemm_reference  # noqa: E402
-    from loraembed.lora.sgmv_triton import build_lora_batch_tables, lora_shrink  # noqa: E402
+    from loraembed.lora.sgmv_triton import build_lora_batch_tables, lora_expand, lora_shrink  # noqa: E402
 
     segments = random_segments(args.tokens, args.adapters, np.random.default_rng(0))
     block_table, token_slots, tile_slots = build_lora_batch_tables(segments, torch.device("cuda"), True, with_tile_slots=True)
@@ -126,6 +127,10 @@ def main() -> None:
         flops = flops_of(x, weight)
         rows.append((name, "cuBLAS (F.linear)", microseconds(lambda: F.linear(x, weight, bias)), flops,
                      (F.linear(x, weight, bias).float() - reference).abs().max().item()))
+        if block_table is not None:  # the unfused path: cuBLAS, then the expand's read-modify-write
+            rows.append((name, "cuBLAS + separate expand (sgmv_expand)",
+                         microseconds(lambda: lora_expand(shrunk, F.linear(x, weight, bias), lora_b, args.rank, width,
+                                                          block_table)), flops, 0.0))
         rows.append((name, "Triton kernel, one program per tile, no LoRA",
                      microseconds(lambda: lora_gemm(x, weight, bias, kernel="triton")), flops,
                      (lora_gemm(x, weight, bias, kernel="triton").float() - reference).abs().max().item()))

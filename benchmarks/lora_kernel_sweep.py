@@ -142,26 +142,29 @@ def main() -> None:
 
     # Shrink (Q/K/V: 48 ranks over 768 inputs; output.dense: 16 ranks over 3072 inputs).
     a_wide = torch.randn(slots, rank, INTERMEDIATE, device=device, dtype=dtype) * 0.02
-    for name, source, a in (("shrink qkv", x, a_qkv), ("shrink output.dense", wide, a_wide)):
+    a_narrow = torch.randn(slots, rank, HIDDEN, device=device, dtype=dtype) * 0.02
+    for name, source, a in (("shrink qkv", x, a_qkv), ("shrink attention.output.dense", x, a_narrow),
+                            ("shrink output.dense", wide, a_wide)):
         if "shrink" not in kernels:
             break
         rank_total = a.shape[1]
         out = torch.empty(tokens, rank_total, device=device)
         current_r = min(64, max(16, triton.next_power_of_2(rank_total)))
-        settings = [(current_r, sgmv_triton.SHRINK_BLOCK_K, 4, 3)] + [
-            (block_r, block_k, warps, stages)
-            for block_r, block_k, warps, stages in itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3, 4))
-            if block_r <= max(16, triton.next_power_of_2(rank_total))
+        # (BLOCK_R, BLOCK_K, warps, stages, programs per table block of BLOCK_T tokens)
+        settings = [(current_r, sgmv_triton.SHRINK_BLOCK_K, 4, 3, 1)] + [
+            (current_r, block_k, warps, stages, split)
+            for block_k, warps, stages, split in itertools.product((128, 256), (4, 8), (3, 4, 6), (1, 2, 4))
         ]
 
-        def shrink(block_r, block_k, warps, stages, source=source, a=a, out=out):
-            sgmv_triton._sgmv_shrink_kernel[(blocks, triton.cdiv(a.shape[1], block_r))](
+        def shrink(block_r, block_k, warps, stages, split, source=source, a=a, out=out):
+            sgmv_triton._sgmv_shrink_kernel[(blocks, triton.cdiv(a.shape[1], block_r), split)](
                 source, a, out, table, source.shape[1], a.shape[1],
                 source.stride(0), a.stride(0), a.stride(1), out.stride(0),
-                BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+                BLOCK_T=BLOCK_T // split, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
             )
         rows.append((name, "one read of the input, no LoRA (bound)", microseconds(lambda source=source: source.sum(1))))
-        sweep(rows, name, settings, shrink, lambda r, k, w, s: f"BLOCK_R={r} BLOCK_K={k} warps={w} stages={s}")
+        sweep(rows, name, settings, shrink,
+              lambda r, k, w, s, p: f"BLOCK_R={r} BLOCK_K={k} warps={w} stages={s} programs per block={p}")
 
     # Q/K/V expand into the fused projection's output (read-modify-write).
     def expand(block_n, warps, stages):

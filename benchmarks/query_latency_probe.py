@@ -75,8 +75,17 @@ def main() -> None:
     requests = {
         "one 16-token query": [EncoderRequest(query, np.ones_like(query))],
         "one query, one adapter": [EncoderRequest(query, np.ones_like(query), [names[0]] if names else None)],
+        f"8 passages ({passage_lengths[:8].sum()} tokens), one adapter": [
+            EncoderRequest(passages[:8], passage_mask[:8], [names[0]] if names else None)],
         f"32 passages ({passage_lengths.sum()} tokens), one adapter": [
             EncoderRequest(passages, passage_mask, [names[0]] if names else None)],
+        f"4 x 32 passages ({4 * passage_lengths.sum()} tokens), one adapter": [
+            EncoderRequest(passages, passage_mask, [names[0]] if names else None)] * 4,
+        "4 queries, 4 adapters": [
+            EncoderRequest(query, np.ones_like(query), [names[i % len(names)]] if names else None) for i in range(4)],
+        f"4 x 2 passages ({passage_lengths[:8].sum()} tokens), 4 adapters": [
+            EncoderRequest(passages[i:8:4], passage_mask[i:8:4], [names[i % len(names)]] if names else None)
+            for i in range(4)],
         "4 x 8 passages, 4 adapters": [
             EncoderRequest(passages[i::4], passage_mask[i::4], [names[i % len(names)]] if names else None)
             for i in range(4)],

@@ -81,8 +81,10 @@ def random_segments(
 def set_plan(layers: LoraLayers, plan: str) -> None:
     """"reference" (per-segment matmuls), "tables" (shrink/expand over a block table), "deferred"
     (+ expand in the consumer's kernel), "merged" (+ one adapter per batch merged into W), "fused"
-    (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel: the GPU default)."""
+    (+ mixed-adapter expands in the GEMM's epilogue where the GPU runs that kernel: the GPU default,
+    here on every linear, however few its output tiles)."""
     layers.use_block_tables = plan in ("tables", "deferred", "merged", "fused")
     layers.defer_expand = plan in ("deferred", "merged", "fused")
     layers.merge_single_adapter = plan in ("merged", "fused")
     layers.fuse_expand = plan == "fused"
+    layers.batch_state.fused_gemm_min_tiles = 0  # the fused GEMM on every linear, however small the batch

@@ -16,10 +16,11 @@ How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing sync
 - mixed adapters (and base rows), on a GPU with TMA (sm_90): the shrink over a block table, then
   one GEMM that adds each token's expand in its epilogue, with the activation after it
   (`lora_gemm_triton.lora_gemm`: the Gluon kernel of `lora_gemm_gluon.py` on sm_90 for bf16 and
-  rank capacity 16 or 32, else its Triton kernel; the tile table is planned with the block table);
-- mixed adapters elsewhere, or a batch with a tile of more adapters than that table holds: the
-  base GEMM, the shrink, and the expand, which `forward_deferred` hands to the consumer's
-  elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for intermediate.dense, residual +
+  rank capacity 16 or 32, else its Triton kernel; the tile table is planned with the block table),
+  for each linear whose output tiles are at least one per SM (`fused_gemm_fills_gpu`);
+- mixed adapters elsewhere, on linears of fewer tiles, or in a batch with a tile of more adapters
+  than that table holds: the base GEMM, the shrink, and the expand, which `forward_deferred` hands
+  to the consumer's elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for intermediate.dense, residual +
   LayerNorm for the two other dense layers. The fused Q/K/V output goes to attention, so its
   expand still accumulates into it;
 - on the CPU, per-segment PyTorch matmuls (`apply_segmented_lora`), the reference.
@@ -43,7 +44,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
-from .lora_gemm_triton import lora_gemm, lora_gemm_supported
+from .lora_gemm_triton import fused_gemm_fills_gpu, lora_gemm, lora_gemm_supported
 from .segmented import apply_segmented_lora, slot_of
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
 
@@ -106,6 +107,9 @@ class LoraBatchState:
     merged_slot: int | torch.Tensor | None = None  # every token uses this slot: merge W + B A per linear
     # (a device index [1] int64 in a CUDA graph)
     graph_capture: bool = False  # capturing: every linear with LoRA buffers runs LoRA
+    # Output tiles a linear's fused GEMM needs to be taken (`lora_gemm_triton.fused_gemm_fills_gpu`;
+    # None: one per SM); 0 fuses every supported linear (tests of the fused kernels).
+    fused_gemm_min_tiles: int | None = None
     buffer_generation: int = 0  # bumped whenever a linear's LoRA buffers are (re)allocated
     merge_buffers: dict = field(default_factory=dict)  # (shape, dtype, device) -> scratch weight
 
@@ -262,6 +266,8 @@ class SegmentedLoraLinear(nn.Linear):
             return None
         if not lora_gemm_supported(x, self.weight, self.slice_widths[0], self.rank_capacity):
             return None
+        if not fused_gemm_fills_gpu(x, self.weight.shape[0], self.slice_widths[0], state.fused_gemm_min_tiles):
+            return None  # too few tiles: cuBLAS and the separate expand are faster
         shrunk = lora_shrink(x, self.lora_a_cat, state.block_table)  # [T, slices * R] float32
         return lora_gemm(x, self.weight, self.bias, activation, self.lora_b_cat, self.slice_widths[0],
                          state.token_slots, state.tile_slots, shrunk)

@@ -77,6 +77,25 @@ def max_runs_bound(segment_starts: np.ndarray) -> int:
     return 1 + int(np.bincount(np.asarray(segment_starts) // TILE_ROWS).max(initial=0))
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def fused_gemm_fills_gpu(x: torch.Tensor, out_features: int, slice_width: int, min_tiles: int | None = None) -> bool:
+    """Whether `lora_gemm` on x has at least `min_tiles` output tiles (TILE_ROWS x BLOCK_N, BLOCK_N
+    up to 256), by default one per SM of x's GPU. With fewer, fewer programs than SMs each walk the
+    whole K: on the H200 the Gluon kernel with the expand took 1.5-3.2x the time of cuBLAS plus the
+    separate expand on the narrow linears of batches of 17-1,024 tokens, while from one tile per SM
+    on it was within ~5% of that path or faster (benchmarks/NOTES.md, item 43). Below, the layers
+    take the separate path."""
+    if min_tiles is None:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNTS:
+            _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        min_tiles = _SM_COUNTS[index]
+    tiles = -(-x.shape[0] // TILE_ROWS) * (out_features // block_n_for(out_features, slice_width or out_features))
+    return tiles >= min_tiles
+
+
 def lora_gemm_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
     lora_a_cat: torch.Tensor, lora_b_cat: torch.Tensor, slice_width: int, segments,

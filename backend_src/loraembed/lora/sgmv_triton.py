@@ -107,7 +107,8 @@ if triton is not None:
     ):
         block = tl.program_id(0)
         rank_block = tl.program_id(1)
-        token_start = tl.load(table_ptr + 3 * block)
+        # Axis 2 cuts a table block into programs of BLOCK_T tokens (one when BLOCK_T is the table's).
+        token_start = tl.load(table_ptr + 3 * block) + tl.program_id(2) * BLOCK_T
         token_end = tl.load(table_ptr + 3 * block + 1)
         if token_end <= token_start:  # an unused entry of a CUDA graph's fixed-size table
             return
