@@ -143,7 +143,7 @@ def main() -> None:
                 continue
             label = f"Gluon, BLOCK_N {block_n}, {stages} stages"
             if block_n == block_n_for(out_features, width) and stages == LAUNCHES[block_n]:
-                label += " (the code's launch)"
+                label += " (the code's widest launch)"
             try:
                 launch = (block_n, stages)
                 error = (gluon_lora_gemm(x, weight, bias, launch=launch).float() - reference).abs().max().item()
@@ -160,6 +160,9 @@ def main() -> None:
                 print(f"{name} {label} + LoRA: {type(failure).__name__}: {str(failure)[:300]}", file=sys.stderr)
                 continue
             rows.append((name, label + " + LoRA expand", us, flops, error))
+        rows.append((name, "Gluon, the code's launch for this batch (launch=None) + LoRA expand",
+                     microseconds(lambda: gluon_lora_gemm(x, weight, bias, "identity", *lora_args)), flops,
+                     (gluon_lora_gemm(x, weight, bias, "identity", *lora_args).float() - lora_reference).abs().max().item()))
     card = torch.cuda.get_device_name(device)
     cublas_of = {name: us for name, label, us, *_ in rows if label.startswith("cuBLAS")}
     lines = [

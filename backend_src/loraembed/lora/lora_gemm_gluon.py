@@ -256,6 +256,18 @@ def shared_layouts(block_n: int, rank: int):
 
 
 _SMS: dict[int, int] = {}
+# A 128-column tile's time against half a 256-column one's (H200, NOTES item 44).
+NARROW_TILE_COST = 1.2
+
+
+def narrow_tiles_pay(rows: int, out_features: int, programs: int) -> bool:
+    """Whether 128-column output tiles beat 256-column ones: the programs walk ceil(tiles / programs)
+    tiles each, so a last partial round of wide tiles costs a whole one (at 8,192 tokens, 192 tiles of
+    256 columns on 132 SMs take two rounds, 384 of 128 take three of half the length)."""
+    row_tiles = -(-rows // BLOCK_M)
+    wide_rounds = -(-row_tiles * (out_features // 256) // programs)
+    narrow_rounds = -(-row_tiles * (out_features // 128) // programs)
+    return narrow_rounds * NARROW_TILE_COST / 2 < wide_rounds
 # Descriptors of the weights and B buffers, which live as long as the model: building one costs the
 # host ~10 µs of Python, and the host's launch work bounds eager mixed-adapter batches (NOTES item 36).
 # A descriptor is its values (address, shape, strides, block, layout), so a key of them is exact.
@@ -295,15 +307,17 @@ def gluon_lora_gemm(
     if total == 0:
         return out
     slice_width = slice_width or out_features
+    if x.device.index not in _SMS:
+        _SMS[x.device.index] = torch.cuda.get_device_properties(x.device).multi_processor_count
     block_n = block_n_for(out_features, slice_width, launch[0] if launch else 256)
+    if launch is None and block_n == 256 and narrow_tiles_pay(total, out_features, _SMS[x.device.index]):
+        block_n = 128
     has_lora = shrunk is not None
     rank_capacity = lora_b_cat.shape[2] if has_lora else 0
     rank = rank_capacity if has_lora else 16
     stages, b_stages = ring_sizes(block_n, rank, launch[1] if launch else LAUNCHES[block_n])
     x_layout, w_layout, out_layout, b_layout = shared_layouts(block_n, rank)
     tiles = triton.cdiv(total, BLOCK_M) * (out_features // block_n)
-    if x.device.index not in _SMS:
-        _SMS[x.device.index] = torch.cuda.get_device_properties(x.device).multi_processor_count
     # B viewed as [slots * out, R], R = RANK
     b_view = lora_b_cat.view(-1, rank_capacity) if has_lora else weight[:, :16]
     placeholder = weight  # pointers the kernel does not read
