@@ -207,3 +207,24 @@ def test_tile_table_counts_each_tiles_adapters():
         assert table[:, 0].tolist() == list(map(len, expected))
         assert [sorted(row[1 : 1 + row[0]].tolist()) for row in table] == expected
         assert lora_gemm_triton.max_runs_bound(np.array([start for _, start, end in runs if end > start])) >= max(map(len, expected))
+
+
+def test_fused_gemm_rules_take_the_measured_faster_path():
+    """The two size rules of the mixed-adapter GEMM give the choices measured on an H200 (132 SMs;
+    benchmarks/NOTES.md items 43-44): the fused GEMM only from one output tile per SM on, and
+    128-column tiles only where 256-column ones leave a last round of programs mostly idle. Each
+    choice below was the faster one measured but attention.output.dense's at 4,096 tokens (the
+    separate path, 15.0 against 13.3 µs)."""
+    from loraembed.lora.lora_gemm_gluon import narrow_tiles_pay
+
+    sms = 132
+    shapes = {"qkv": (2304, 768), "attention.output.dense": (768, 768), "intermediate.dense": (3072, 3072),
+              "output.dense": (768, 768)}
+    fused = {name: [lora_gemm_triton.fused_gemm_fills_gpu(torch.empty(tokens, 1), out, width, sms)
+                    for tokens in (17, 1024, 4096, 16384)] for name, (out, width) in shapes.items()}
+    assert fused == {"qkv": [False, False, True, True], "attention.output.dense": [False, False, False, True],
+                     "intermediate.dense": [False, False, True, True], "output.dense": [False, False, False, True]}
+    narrow = {name: [narrow_tiles_pay(tokens, out, sms) for tokens in (6144, 8192, 12288, 16384)]
+              for name, (out, _) in shapes.items()}
+    assert narrow == {"qkv": [False, False, False, False], "attention.output.dense": [True, True, False, False],
+                      "intermediate.dense": [False, False, False, False], "output.dense": [True, True, False, False]}
