@@ -160,9 +160,9 @@ def main() -> None:
                 print(f"{name} {label} + LoRA: {type(failure).__name__}: {str(failure)[:300]}", file=sys.stderr)
                 continue
             rows.append((name, label + " + LoRA expand", us, flops, error))
+        chosen = lambda: gluon_lora_gemm(x, weight, bias, "identity", *lora_args)  # noqa: E731
         rows.append((name, "Gluon, the code's launch for this batch (launch=None) + LoRA expand",
-                     microseconds(lambda: gluon_lora_gemm(x, weight, bias, "identity", *lora_args)), flops,
-                     (gluon_lora_gemm(x, weight, bias, "identity", *lora_args).float() - lora_reference).abs().max().item()))
+                     microseconds(chosen), flops, (chosen().float() - lora_reference).abs().max().item()))
     card = torch.cuda.get_device_name(device)
     cublas_of = {name: us for name, label, us, *_ in rows if label.startswith("cuBLAS")}
     lines = [

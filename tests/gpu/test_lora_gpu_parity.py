@@ -113,7 +113,8 @@ def test_mixed_adapter_batch_matches_peft_in_bf16(xlmr_base_folder, adapters, mo
     adapter_ids = [names[i % len(names)] for i in range(row_count)]
     ids, mask = random_rows(row_count, 0, shortest, longest)
     ours = engine.embed([EncoderRequest(ids, mask, adapter_ids, {"normalize": False})])[0]
-    # Every linear's expand went into its GEMM's epilogue, intermediate.dense's before the GELU.
+    # The expand of every linear the rule fuses went into its GEMM's epilogue (with
+    # fused_everywhere, every linear's, intermediate.dense's before the GELU).
     # (A graph's warm-up and capture run the forward three times.)
     layers = engine.model.config.num_hidden_layers
     tokens = int(mask.sum())

@@ -20,9 +20,9 @@ How a batch runs (`LoraLayers.activate` plans it once, on the host; nothing sync
   for each linear whose output tiles are at least one per SM (`fused_gemm_fills_gpu`);
 - mixed adapters elsewhere, on linears of fewer tiles, or in a batch with a tile of more adapters
   than that table holds: the base GEMM, the shrink, and the expand, which `forward_deferred` hands
-  to the consumer's elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for intermediate.dense, residual +
-  LayerNorm for the two other dense layers. The fused Q/K/V output goes to attention, so its
-  expand still accumulates into it;
+  to the consumer's elementwise kernel (`fused_ops.LoraDelta`): the GELU pass for
+  intermediate.dense, residual + LayerNorm for the two other dense layers. The fused Q/K/V output
+  goes to attention, so its expand still accumulates into it;
 - on the CPU, per-segment PyTorch matmuls (`apply_segmented_lora`), the reference.
 
 A CUDA graph captures the same GPU plans with device-side inputs instead of host state

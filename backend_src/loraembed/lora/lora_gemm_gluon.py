@@ -268,6 +268,8 @@ def narrow_tiles_pay(rows: int, out_features: int, programs: int) -> bool:
     wide_rounds = -(-row_tiles * (out_features // 256) // programs)
     narrow_rounds = -(-row_tiles * (out_features // 128) // programs)
     return narrow_rounds * NARROW_TILE_COST / 2 < wide_rounds
+
+
 # Descriptors of the weights and B buffers, which live as long as the model: building one costs the
 # host ~10 µs of Python, and the host's launch work bounds eager mixed-adapter batches (NOTES item 36).
 # A descriptor is its values (address, shape, strides, block, layout), so a key of them is exact.

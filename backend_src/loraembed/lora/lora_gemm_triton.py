@@ -83,10 +83,11 @@ _SM_COUNTS: dict[int, int] = {}
 def fused_gemm_fills_gpu(x: torch.Tensor, out_features: int, slice_width: int, min_tiles: int | None = None) -> bool:
     """Whether `lora_gemm` on x has at least `min_tiles` output tiles (TILE_ROWS x BLOCK_N, BLOCK_N
     up to 256), by default one per SM of x's GPU. With fewer, fewer programs than SMs each walk the
-    whole K: on the H200 the Gluon kernel with the expand took 1.5-3.2x the time of cuBLAS plus the
-    separate expand on the narrow linears of batches of 17-1,024 tokens, while from one tile per SM
-    on it was within ~5% of that path or faster (benchmarks/NOTES.md, item 43). Below, the layers
-    take the separate path."""
+    whole K: on the H200 the Gluon kernel with the expand took 1.5-3.2x the time of cuBLAS plus
+    `sgmv_expand` on the narrow linears of batches of 17-1,024 tokens. From one tile per SM on it
+    was faster on Q/K/V and intermediate.dense, and 2-12% slower on the narrow linears, where the
+    layers' separate expand (the residual + LayerNorm kernel's) costs more than `sgmv_expand`
+    (benchmarks/NOTES.md, items 43-44). Below, the layers take the separate path."""
     if min_tiles is None:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNTS:
