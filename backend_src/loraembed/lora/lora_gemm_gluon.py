@@ -256,6 +256,16 @@ def shared_layouts(block_n: int, rank: int):
 
 
 _SMS: dict[int, int] = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The SMs of a CUDA device (cached: the launch paths ask at every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 # A 128-column tile's time against half a 256-column one's (H200, NOTES item 44).
 NARROW_TILE_COST = 1.2
 
@@ -309,10 +319,9 @@ def gluon_lora_gemm(
     if total == 0:
         return out
     slice_width = slice_width or out_features
-    if x.device.index not in _SMS:
-        _SMS[x.device.index] = torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = multiprocessor_count(x.device)
     block_n = block_n_for(out_features, slice_width, launch[0] if launch else 256)
-    if launch is None and block_n == 256 and narrow_tiles_pay(total, out_features, _SMS[x.device.index]):
+    if launch is None and block_n == 256 and narrow_tiles_pay(total, out_features, programs):
         block_n = 128
     has_lora = shrunk is not None
     rank_capacity = lora_b_cat.shape[2] if has_lora else 0
@@ -323,7 +332,7 @@ def gluon_lora_gemm(
     # B viewed as [slots * out, R], R = RANK
     b_view = lora_b_cat.view(-1, rank_capacity) if has_lora else weight[:, :16]
     placeholder = weight  # pointers the kernel does not read
-    _gluon_lora_gemm_kernel[(min(tiles, _SMS[x.device.index]),)](
+    _gluon_lora_gemm_kernel[(min(tiles, programs),)](
         TensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], x_layout),
         _static_descriptor(weight, [block_n, BLOCK_K], w_layout),
         TensorDescriptor.from_tensor(out, [BLOCK_M, block_n], out_layout),

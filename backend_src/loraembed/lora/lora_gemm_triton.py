@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fused_ops import ACTIVATION_CODES, ACTIVATIONS
-from .lora_gemm_gluon import gluon_lora_gemm, gluon_lora_gemm_supported
+from .lora_gemm_gluon import gluon_lora_gemm, gluon_lora_gemm_supported, multiprocessor_count
 from .segmented import adapter_run_arrays, apply_segmented_lora, positions_in_groups
 
 try:
@@ -77,9 +77,6 @@ def max_runs_bound(segment_starts: np.ndarray) -> int:
     return 1 + int(np.bincount(np.asarray(segment_starts) // TILE_ROWS).max(initial=0))
 
 
-_SM_COUNTS: dict[int, int] = {}
-
-
 def fused_gemm_fills_gpu(x: torch.Tensor, out_features: int, slice_width: int, min_tiles: int | None = None) -> bool:
     """Whether `lora_gemm` on x has at least `min_tiles` output tiles (TILE_ROWS x BLOCK_N, BLOCK_N
     up to 256), by default one per SM of x's GPU. With fewer, fewer programs than SMs each walk the
@@ -89,10 +86,7 @@ def fused_gemm_fills_gpu(x: torch.Tensor, out_features: int, slice_width: int, m
     layers' separate expand (the residual + LayerNorm kernel's) costs more than `sgmv_expand`
     (benchmarks/NOTES.md, items 43-44). Below, the layers take the separate path."""
     if min_tiles is None:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if index not in _SM_COUNTS:
-            _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        min_tiles = _SM_COUNTS[index]
+        min_tiles = multiprocessor_count(x.device)
     tiles = -(-x.shape[0] // TILE_ROWS) * (out_features // block_n_for(out_features, slice_width or out_features))
     return tiles >= min_tiles
 
