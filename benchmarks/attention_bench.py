@@ -19,12 +19,18 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "backend_src"), str(Path(__file__).parent)]
 from encoder_bench import draw_lengths  # noqa: E402  the same length distributions
+from lora_kernel_sweep import microseconds  # noqa: E402  the same timing
 
 from loraembed.attention import sdpa_reference_attention, varlen_attention  # noqa: E402
 from loraembed.packed_attention_triton import packed_attention  # noqa: E402
 
-# (block_m, block_n, num_warps, num_stages)
-TRITON_SHAPES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)]
+# (block_m, block_n, num_warps, num_stages, heads_inner, split_unmasked): packed_attention's arguments
+TRITON_SHAPES = [
+    (64, 64, 4, 3, False, False), (64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True),
+    (64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True), (64, 32, 4, 2, True, True), (64, 32, 4, 4, True, True),
+    (64, 16, 4, 3, True, True), (32, 32, 4, 3, True, True), (128, 32, 8, 3, True, True), (128, 64, 8, 3, True, True),
+    (64, 32, 8, 3, True, True),
+]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run under TRITON_INTERPRET=1
@@ -38,20 +44,12 @@ def packed_batch(lengths: list[int], heads: int, head_dim: int):
     return qkv, cu.to(DEVICE), sequence_index.to(DEVICE), max(lengths)
 
 
-def cuda_time_us(fn, repeats: int = 30) -> float:
+def cuda_time_us(fn) -> float:
+    """GPU µs per call from CUDA-graph replays (lora_kernel_sweep.microseconds): timing launches one by
+    one with events counted the host's ~100 µs per Triton launch on the H200 host."""
     if DEVICE == "cpu":
         return 1.0
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return float(np.median(times))
+    return microseconds(fn)
 
 
 def main() -> None:
@@ -65,7 +63,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     kernels = {"flash_attn": None, "torch_varlen": None}
     for shape in TRITON_SHAPES:
-        kernels["triton_packed %dx%d w%d s%d" % shape] = shape
+        kernels["triton_packed %dx%d w%d s%d" % shape[:4] + " heads-inner" * shape[4] + " split" * shape[5]] = shape
     lines = [
         f"# Attention kernels alone ({args.heads} heads x {args.head_dim}, {args.tokens} tokens per batch, bf16)",
         "",
@@ -98,6 +96,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "attention-bench.md").write_text(table + "\n")
 
 

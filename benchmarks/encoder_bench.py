@@ -32,12 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend_src"))
 from loraembed.attention import select_attention_backend  # noqa: E402
 from loraembed.config import ServingConfig  # noqa: E402
 from loraembed.engine import EmbeddingEngine, EncoderRequest  # noqa: E402
-from loraembed.packing import SequenceRef, build_packed_batch, plan_batches  # noqa: E402
+from loraembed.packing import (  # noqa: E402
+    PackedBatch,
+    PackingRows,
+    SequenceRef,
+    build_packed_batch,
+    pack_rows,
+    plan_batches,
+    plan_row_batches,
+    to_device,
+)
 from loraembed.pooling import pool  # noqa: E402
 
 GELU_LABELS = {"auto": "", "none": ", exact GELU", "tanh": ", tanh GELU"}  # the system column per gelu_approximation
 # The system column per --lora-expand: where mixed-adapter batches add the LoRA expand.
 EXPAND_LABELS = {"fused": "", "consumer": ", expand in consumer kernels"}
+# The system column's first words per measure_engine timing: eager forward passes on pre-packed
+# batches, the same passes replayed as the serving path's CUDA graphs, and the whole embed() call.
+KIND_LABELS = {"forward": "forward", "graphs": "forward, CUDA graphs", "engine": "engine"}
 MATMUL_BOUND_FLOPS = 790e12  # bf16 dense matmul measured on the H100 (ENVIRONMENT.md)
 WORKLOADS = {
     "queries": dict(median=16, low=4, high=64, sigma=0.6),
@@ -191,6 +203,32 @@ def measure_engine(
     reset_peak_memory()
     forward_seconds = timed(forward_only, repeats)
     peak = peak_memory_gib()
+
+    # The same forward passes as the serving path runs them: the engine's batches, each replayed as
+    # a CUDA graph of its bucket (captured in timed()'s warm-up run), without embed()'s validation,
+    # its final copy to the host and normalization. Eager launches bound the "forward" row on hosts
+    # whose CPU needs ~100 µs per Triton launch (NOTES item 45); this row is the device's rate.
+    graphs_seconds = None
+    if engine.graphed is not None:
+        rows = PackingRows.of(np.concatenate(sequences).astype(np.int64), np.array([len(s) for s in sequences]),
+                              np.array([slots[a] for a in adapter_ids], dtype=np.int64))
+        hosts = [pack_rows(rows, selected, offset)
+                 for selected in plan_row_batches(rows.lengths, rows.slots, engine.serving.max_batch_tokens)]
+
+        @torch.inference_mode()
+        def graphed_forward():
+            for host in hosts:
+                key = engine.graphed.bucket(host)
+                if key is None:  # not graphable, or a bucket that has to be seen twice: eager
+                    batch = to_device(host, engine.device)
+                    engine.adapters.activate(batch)
+                    pool(engine.model(batch), batch, engine.settings.pooling)
+                else:
+                    engine.adapters.activate(PackedBatch.host_summary(host), plan_layers=False)
+                    engine.graphed.pooled(host, key)
+
+        graphed_forward()  # a bucket seen for the first time when the graph cache is full is run eagerly
+        graphs_seconds = timed(graphed_forward, repeats)
     if profile_file is not None:
         from torch.profiler import ProfilerActivity, profile
 
@@ -230,7 +268,7 @@ def measure_engine(
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
         profile_file.with_name(profile_file.stem + "-host.txt").write_text(text.getvalue())
-    return dict(forward_s=forward_seconds, engine_s=engine_seconds, peak_gib=peak)
+    return dict(forward_s=forward_seconds, graphs_s=graphs_seconds, engine_s=engine_seconds, peak_gib=peak)
 
 
 def measure_transformers(path: Path, sequences: list[np.ndarray], batch_size: int, sort: bool, pad_id: int, repeats: int) -> dict:
@@ -349,9 +387,10 @@ def main() -> None:
                 profile_file = (Path(args.out) / f"profile-{model_name}-{workload}-{attention}-gelu-{approximation}.txt"
                                 if args.profile else None)
                 result = measure_engine(engine, sequences, [""] * len(sequences), args.repeats, profile_file)
-                for kind in ("forward", "engine"):
-                    add_row(model_name, workload, "base", f"loraembed {kind} ({label})", lengths,
-                            result[f"{kind}_s"], flops, result["peak_gib"])
+                for kind in ("forward", "graphs", "engine"):
+                    if result[f"{kind}_s"] is not None:
+                        add_row(model_name, workload, "base", f"loraembed {KIND_LABELS[kind]} ({label})", lengths,
+                                result[f"{kind}_s"], flops, result["peak_gib"])
                 if workload == "queries":
                     latencies.append(dict(model=model_name, attention=label, **measure_latency(engine, bos, eos)))
                 del engine
@@ -374,9 +413,11 @@ def main() -> None:
                     if args.profile and mode == "64 adapters":
                         profile_file = Path(args.out) / f"profile-{model_name}-{workload}-64-adapters-{expand}.txt"
                     result = measure_engine(engine, sequences, adapter_ids, args.repeats, profile_file)
-                    for kind in ("forward", "engine"):
-                        add_row(model_name, workload, mode, f"loraembed {kind} ({attentions[0]}{EXPAND_LABELS[expand]})",
-                                lengths, result[f"{kind}_s"], flops, result["peak_gib"])
+                    for kind in ("forward", "graphs", "engine"):
+                        if result[f"{kind}_s"] is not None:
+                            add_row(model_name, workload, mode,
+                                    f"loraembed {KIND_LABELS[kind]} ({attentions[0]}{EXPAND_LABELS[expand]})",
+                                    lengths, result[f"{kind}_s"], flops, result["peak_gib"])
                     del engine
                     empty_cache()
             for baseline in args.baselines.split(","):
@@ -450,6 +491,8 @@ def plot(rows: list[dict], card: str, date: str, file: Path) -> None:
     counts = {"base": 0, "1 adapter": 1, "8 adapters": 8, "64 adapters": 64}
     for model, workload in sorted({(r["model"], r["workload"]) for r in rows if r["mode"] != "base"}):
         ours = [r for r in rows if (r["model"], r["workload"]) == (model, workload) and r["system"].startswith("loraembed forward")]
+        graphed = [r for r in ours if r["system"].startswith("loraembed " + KIND_LABELS["graphs"])]
+        ours = graphed or ours  # the serving path's replays where measured (the eager rows measure the host)
         adapter_systems = {r["system"] for r in ours if r["mode"] != "base"  # the base point of the same system
                            and EXPAND_LABELS["consumer"] not in r["system"]}  # the engine's default path only
         points = sorted((counts[r["mode"]], r["tokens_per_s"] / 1e6) for r in ours

@@ -13,7 +13,14 @@ from .attention import varlen_attention
 from .checkpoint import normalize_checkpoint_keys, read_state_dict
 from .config import EncoderConfig
 from .errors import CheckpointError
-from .fused_ops import ACTIVATIONS, LoraDelta, add_layer_norm, add_lora_activation, linear_activation
+from .fused_ops import (
+    ACTIVATIONS,
+    LoraDelta,
+    add_layer_norm,
+    add_lora_activation,
+    embeddings_layer_norm,
+    linear_activation,
+)
 from .packing import PackedBatch
 
 # The one fusion table (vLLM's packed_modules_mapping): a fused module and the checkpoint modules
@@ -64,11 +71,11 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # Single-segment inputs: every token has token type 0.
-        embedded = (
-            self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
+        # Single-segment inputs: every token has token type 0. One kernel on CUDA (fused_ops).
+        return embeddings_layer_norm(
+            input_ids, position_ids, self.word_embeddings.weight, self.position_embeddings.weight,
+            self.token_type_embeddings.weight[0], self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
         )  # [T, H]
-        return self.LayerNorm(embedded)
 
 
 class SelfAttention(nn.Module):

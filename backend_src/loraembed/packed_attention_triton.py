@@ -24,37 +24,80 @@ try:
 except ImportError:  # CPU machines: the reference path only
     triton = None
 
+# Launch settings, from benchmarks/attention_bench.py on an H200 (CUDA-graph timing, 16k tokens, 12
+# heads of 64; results/attention-2026-11-28-h200.md): 64 queries per tile against 32 keys per step,
+# the heads of a tile launched side by side. Queries 47.7 -> 39.3 µs, passages 83.2 -> 78.9, long
+# texts 112.6 -> 108.1 (with the unmasked key blocks below) against 64 x 64 tiles in head-major order.
 BLOCK_M = 64  # query tokens per tile
-BLOCK_N = 64  # keys per step
+BLOCK_N = 32  # keys per step
+# Whole key blocks of a tile whose queries share one sequence skip the mask; that costs short
+# sequences (queries +2 µs, their tiles never lie in one sequence) and pays for long ones (-8 µs on
+# texts of ~400 tokens). So it is on when the batch's mean sequence is at least a tile long.
+SPLIT_UNMASKED_MIN_MEAN_LENGTH = BLOCK_M
 MASKED_SCORE = -1.0e30  # finite, so a tile whose keys are all masked so far never computes inf - inf
 
 
 if triton is not None:
     MASKED = tl.constexpr(MASKED_SCORE)
 
+    @triton.jit
+    def _attend_key_block(
+        q, k_ptr, v_ptr, head, block_start, keys_end, own_start, own_end, row_max, row_sum, acc, scale_log2,
+        stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+        MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        """One online-softmax step over keys [block_start, block_start + BLOCK_N). MASK: whether some
+        key of the block lies outside some query's sequence (else no mask is computed)."""
+        keys = block_start + tl.arange(0, BLOCK_N)  # [BN]
+        key_rows = keys.to(tl.int64)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        load_mask = dims < HEAD_DIM
+        if MASK:
+            load_mask = load_mask & (keys < keys_end)[:, None]
+        k = tl.load(k_ptr + key_rows * stride_k_token + head * stride_k_head + dims, mask=load_mask, other=0.0)
+        v = tl.load(v_ptr + key_rows * stride_v_token + head * stride_v_head + dims, mask=load_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BM, BN], log2 units
+        if MASK:
+            same_sequence = (keys[None, :] >= own_start[:, None]) & (keys[None, :] < own_end[:, None])
+            scores = tl.where(same_sequence, scores, MASKED)
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A masked score gives exp2(MASKED - new_max) = 0 once the row has seen one of its own keys.
+        # Before that (keys of an earlier sequence of the tile), the row's max is MASKED too and it
+        # sums ones; the first own key rescales those by exp2(MASKED - real max) = 0.
+        probabilities = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(probabilities, axis=1)
+        acc = acc * correction[:, None] + tl.dot(probabilities.to(v.dtype), v)
+        return new_max, row_sum, acc
+
     # The token count changes with every batch: no specialization on it (one compiled variant).
     @triton.jit(do_not_specialize=["total_tokens"])
     def _packed_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, sequence_index_ptr, cu_seqlens_ptr,
-        total_tokens, head_dim, scale_log2,
+        total_tokens, scale_log2,
         stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
         stride_out_token, stride_out_head,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+        HEADS_INNER: tl.constexpr, SPLIT_UNMASKED: tl.constexpr,
     ):
-        tile = tl.program_id(0)
-        head = tl.program_id(1).to(tl.int64)
+        if HEADS_INNER:  # the heads of one query tile run side by side: they read the same token rows
+            head = tl.program_id(0).to(tl.int64)
+            tile = tl.program_id(1)
+        else:
+            tile = tl.program_id(0)
+            head = tl.program_id(1).to(tl.int64)
         queries = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] token positions
         query_valid = queries < total_tokens
         dims = tl.arange(0, BLOCK_D)
-        dim_valid = dims < head_dim
+        dim_valid = dims < HEAD_DIM
         # Each query's own sequence [start, end): keys outside it are masked.
         sequence = tl.load(sequence_index_ptr + queries, mask=query_valid, other=0)
         own_start = tl.load(cu_seqlens_ptr + sequence, mask=query_valid, other=0)  # [BM]
         own_end = tl.load(cu_seqlens_ptr + sequence + 1, mask=query_valid, other=0)
+        keys_start = tl.min(tl.where(query_valid, own_start, total_tokens), axis=0)
+        keys_end = tl.max(tl.where(query_valid, own_end, 0), axis=0)
+        own_start = tl.where(query_valid, own_start, total_tokens)  # padding rows see no key
         own_end = tl.where(query_valid, own_end, 0)
-        own_start = tl.where(query_valid, own_start, total_tokens)
-        keys_start = tl.min(own_start, axis=0)
-        keys_end = tl.max(own_end, axis=0)
 
         rows = queries.to(tl.int64)[:, None]
         q = tl.load(
@@ -64,28 +107,26 @@ if triton is not None:
         row_max = tl.full((BLOCK_M,), MASKED, dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for block_start in range(keys_start, keys_end, BLOCK_N):
-            keys = block_start + tl.arange(0, BLOCK_N)  # [BN]
-            key_rows = keys.to(tl.int64)[:, None]
-            key_valid = keys < keys_end
-            k = tl.load(
-                k_ptr + key_rows * stride_k_token + head * stride_k_head + dims[None, :],
-                mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
-            )  # [BN, BD]
-            v = tl.load(
-                v_ptr + key_rows * stride_v_token + head * stride_v_head + dims[None, :],
-                mask=key_valid[:, None] & dim_valid[None, :], other=0.0,
+        masked_start = keys_start
+        if SPLIT_UNMASKED:
+            # All the tile's tokens in one sequence (padding rows aside, whose output is dropped):
+            # whole key blocks inside it need no mask.
+            one_sequence = keys_start == tl.max(tl.where(query_valid, own_start, 0), axis=0)
+            if one_sequence:
+                masked_start = keys_start + ((keys_end - keys_start) // BLOCK_N) * BLOCK_N
+            for block_start in range(keys_start, masked_start, BLOCK_N):
+                row_max, row_sum, acc = _attend_key_block(
+                    q, k_ptr, v_ptr, head, block_start, keys_end, own_start, own_end, row_max, row_sum, acc,
+                    scale_log2, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+                    False, BLOCK_N, BLOCK_D, HEAD_DIM,
+                )
+        for block_start in range(masked_start, keys_end, BLOCK_N):
+            row_max, row_sum, acc = _attend_key_block(
+                q, k_ptr, v_ptr, head, block_start, keys_end, own_start, own_end, row_max, row_sum, acc,
+                scale_log2, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+                True, BLOCK_N, BLOCK_D, HEAD_DIM,
             )
-            scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BM, BN], log2 units
-            same_sequence = (keys[None, :] >= own_start[:, None]) & (keys[None, :] < own_end[:, None])
-            scores = tl.where(same_sequence, scores, MASKED)
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            probabilities = tl.where(same_sequence, tl.exp2(scores - new_max[:, None]), 0.0)
-            correction = tl.exp2(row_max - new_max)
-            row_sum = row_sum * correction + tl.sum(probabilities, axis=1)
-            acc = acc * correction[:, None] + tl.dot(probabilities.to(v.dtype), v)
-            row_max = new_max
-        row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)  # padding rows of the tile see no key
+        row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
         out = acc / row_sum[:, None]
         tl.store(
             out_ptr + rows * stride_out_token + head * stride_out_head + dims[None, :],
@@ -104,25 +145,33 @@ def packed_attention(
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     num_stages: int = 3,
+    heads_inner: bool = True,
+    split_unmasked: bool | None = None,
 ) -> torch.Tensor:
     """query, key, value: [T, heads, head_dim] (any strides with a contiguous last dim, e.g. views of
     one fused QKV output); cu_seqlens: [B+1] int32; token_sequence_index: [T], the sequence of each
     token (tokens past cu_seqlens[-1] may name an empty sequence). Returns [T, heads, head_dim].
-    The tile sizes and launch options are for benchmarks/attention_bench.py; the defaults are its pick."""
+    The tile sizes and launch options are for benchmarks/attention_bench.py; the defaults are its
+    pick. heads_inner: program (head, tile) instead of (tile, head). split_unmasked: None = when the
+    mean sequence (from sizes the host knows, no sync) is at least SPLIT_UNMASKED_MIN_MEAN_LENGTH."""
     total_tokens, num_heads, head_dim = query.shape
+    if split_unmasked is None:
+        sequences = max(1, cu_seqlens.numel() - 1)
+        split_unmasked = total_tokens >= SPLIT_UNMASKED_MIN_MEAN_LENGTH * sequences
     out = torch.empty(total_tokens, num_heads, head_dim, device=query.device, dtype=query.dtype)
     if total_tokens == 0:
         return out
     for tensor in (query, key, value):
         if tensor.stride(-1) != 1:
             raise ValueError("packed_attention needs the head dimension contiguous")
-    grid = (triton.cdiv(total_tokens, block_m), num_heads)
+    tiles = triton.cdiv(total_tokens, block_m)
+    grid = (num_heads, tiles) if heads_inner else (tiles, num_heads)
     _packed_attention_kernel[grid](
         query, key, value, out, token_sequence_index, cu_seqlens,
-        total_tokens, head_dim, (1.0 / math.sqrt(head_dim)) * 1.4426950408889634,
+        total_tokens, (1.0 / math.sqrt(head_dim)) * 1.4426950408889634,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
+        HEADS_INNER=heads_inner, SPLIT_UNMASKED=split_unmasked, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -162,3 +162,33 @@ def test_triton_packed_attention_ignores_padding_tokens():
     reference = sdpa_reference_attention(q[:total].double(), k[:total].double(), v[:total].double(), cu_seqlens[:4], 33)
     assert torch.isfinite(out).all()
     assert float((out[:total] - reference.float()).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("launch", [
+    dict(heads_inner=True), dict(split_unmasked=True), dict(heads_inner=True, split_unmasked=True),
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=2, heads_inner=True, split_unmasked=True),
+    dict(block_m=32, block_n=64, split_unmasked=True),
+], ids=lambda launch: ",".join(f"{key}={value}" for key, value in launch.items()))
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_packed_attention_launch_options_match_sdpa_reference(launch, case):
+    """Every launch option of the Triton kernel (grid order, unmasked key blocks of one-sequence
+    tiles, tile shapes), with rows past cu_seqlens[-1] as in a CUDA-graph batch."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from loraembed.packed_attention_triton import packed_attention
+
+    torch.manual_seed(5)
+    lengths = torch.tensor(ATTENTION_CASES[case])
+    total, padding = int(lengths.sum()), 9
+    cu_seqlens = torch.zeros(len(lengths) + 2, dtype=torch.int32)
+    cu_seqlens[1:-1] = lengths.cumsum(0)
+    cu_seqlens[-1] = total  # the empty sequence the padding rows name
+    sequence_index = torch.cat([_lengths_to_sequence_index(lengths), torch.full((padding,), len(lengths))]).cuda()
+    qkv = torch.randn(total + padding, 3, 12, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    fast = packed_attention(q, k, v, cu_seqlens.cuda(), sequence_index, **launch).float()
+    reference = sdpa_reference_attention(q[:total].double(), k[:total].double(), v[:total].double(),
+                                         cu_seqlens[:-1].cuda(), int(lengths.max())).float()
+    assert torch.isfinite(fast).all()
+    row_error = (fast[:total] - reference).abs().amax(dim=(1, 2))
+    assert float(row_error.max()) < 0.05
