@@ -8,7 +8,9 @@ Workloads (token lengths drawn once, arrival order random): queries (lognormal, 
 passages (median 120, 16-512), long (median 400, up to 512). Our engine packs at most
 --max-batch-tokens tokens per forward. Baselines: transformers fp16 + SDPA on padded batches of 64
 in arrival order, and on length-sorted batches of 256 (what sentence-transformers does offline).
-Prints a table (tokens/s, sequences/s, share of the matmul bound, peak memory) with the card and
+Each of our systems gets three rows: eager forward passes on pre-packed batches ("forward"), the
+engine's batches replayed as the serving path's CUDA graphs ("forward, CUDA graphs"), and the
+whole `embed()` call from id arrays ("engine"). Prints a table (tokens/s, sequences/s, share of the matmul bound, peak memory) with the card and
 the date, and writes RESULTS.md and a PNG plot under --out. The engine's default GELU (auto: the
 tanh approximation in the GEMM's epilogue in bf16 on a GPU) unless --gelu-approximation says others.
 """
@@ -407,7 +409,8 @@ def main() -> None:
                     if expand != expands[0] and ADAPTER_MODES[mode][0] == 1:
                         continue  # one adapter: merged per linear either way
                     engine, names = adapter_engine(path, mode, attentions[0], args.max_batch_tokens, adapter_root)
-                    engine.adapters.layers.fuse_expand = expand == "fused"
+                    if hasattr(engine.adapters, "layers"):  # not the merged mode's registry
+                        engine.adapters.layers.fuse_expand = expand == "fused"
                     adapter_ids = [names[i] for i in rng.integers(0, len(names), len(sequences))]
                     profile_file = None
                     if args.profile and mode == "64 adapters":
