@@ -344,7 +344,7 @@ def embeddings_layer_norm(
     block = triton.next_power_of_2(n_cols)
     rows_per_program = max(1, min(16, 4096 // block))
     _embeddings_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
-        input_ids, position_ids, word, position, type_row.contiguous(), weight, bias, out, n_rows, n_cols,
+        input_ids.contiguous(), position_ids.contiguous(), word, position, type_row.contiguous(), weight, bias, out, n_rows, n_cols,
         word.stride(0), position.stride(0), eps, BLOCK=block, ROWS=rows_per_program, num_warps=4 if block <= 1024 else 8,
     )
     return out

@@ -126,7 +126,7 @@ if triton is not None:
                 scale_log2, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
                 True, BLOCK_N, BLOCK_D, HEAD_DIM,
             )
-        row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
+        row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)  # a tile of padding tokens only visits no key
         out = acc / row_sum[:, None]
         tl.store(
             out_ptr + rows * stride_out_token + head * stride_out_head + dims[None, :],
