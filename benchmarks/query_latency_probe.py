@@ -75,6 +75,9 @@ def main() -> None:
     requests = {
         "one 16-token query": [EncoderRequest(query, np.ones_like(query))],
         "one query, one adapter": [EncoderRequest(query, np.ones_like(query), [names[0]] if names else None)],
+        # Base batches between two CUDA-graph token buckets (the rows past the batch are computed too).
+        f"32 passages ({passage_lengths.sum()} tokens)": [EncoderRequest(passages, passage_mask)],
+        f"3 x 32 passages ({3 * passage_lengths.sum()} tokens)": [EncoderRequest(passages, passage_mask)] * 3,
         f"8 passages ({passage_lengths[:8].sum()} tokens), one adapter": [
             EncoderRequest(passages[:8], passage_mask[:8], [names[0]] if names else None)],
         f"32 passages ({passage_lengths.sum()} tokens), one adapter": [

@@ -2,8 +2,9 @@
 
 A 16-token query costs ~150 kernel launches; on a slow host CPU those launches, not the GPU, set
 the latency. A graph replays them with one call. Graphs are captured lazily per bucket of
-(tokens, sequences, longest sequence), each rounded up to a power of two; a batch is copied into
-the bucket's static tensors with one host-to-device copy:
+(tokens, sequences, longest sequence), each rounded up to a power of two, tokens past 4,096 to a
+multiple of 2,048 instead (a batch of 9,000 tokens computes 10,240 rows, not 16,384); a batch is
+copied into the bucket's static tensors with one host-to-device copy:
 
 - tokens past the batch belong to no sequence (`cu_seqlens` ends at the real token count), so no
   attention kernel reads them and no real row attends to them; their rows are computed and dropped;
@@ -42,7 +43,8 @@ from .packing import HostPackedArrays, PackedBatch, adapter_segments
 from .pooling import pool
 
 MIN_TOKENS, MIN_SEQUENCES, MIN_SEQLEN = 64, 8, 32
-MAX_GRAPHS = 24
+TOKEN_STEP = 2048  # token buckets past 2 * TOKEN_STEP are multiples of it
+MAX_GRAPHS = 32
 BASE_PLAN = "base"  # the key's LoRA plan for base-model batches
 FUSED_TABLES_PLAN = "fused tables"  # "tables" with the expands in the GEMMs' epilogues
 
@@ -51,6 +53,14 @@ GraphKey = tuple[int, int, int, str]  # (tokens, sequences, longest sequence, Lo
 
 def _bucket(value: int, minimum: int) -> int:
     return max(minimum, 1 << (value - 1).bit_length())
+
+
+def _token_bucket(tokens: int) -> int:
+    """Powers of two up to 2 * TOKEN_STEP, then multiples of TOKEN_STEP: a graph computes every row of
+    its bucket, so powers of two would waste up to half of a large batch's GPU time."""
+    if tokens <= 2 * TOKEN_STEP:
+        return _bucket(tokens, MIN_TOKENS)
+    return -(-tokens // TOKEN_STEP) * TOKEN_STEP
 
 
 @dataclass
@@ -135,7 +145,7 @@ class GraphedForward:
     def _key(self, tokens: int, sequences: int, longest: int, plan: str = BASE_PLAN) -> GraphKey:
         return (
             # + 1: at least one padding row, where empty sequences point
-            min(_bucket(tokens + 1, MIN_TOKENS), self.max_tokens + 1),
+            min(_token_bucket(tokens + 1), self.max_tokens + 1),
             _bucket(sequences + 1, MIN_SEQUENCES),  # + 1: the sequence that takes the padding tokens
             self.max_seqlen
             if self.model.attention_backend == "triton_packed"

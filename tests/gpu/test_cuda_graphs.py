@@ -63,7 +63,7 @@ def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folde
     graphed = make_engine(xlmr_base_folder, "triton_packed", "mean", 8192)
     eager = make_engine(xlmr_base_folder, "triton_packed", "mean", 0)
     rng = np.random.default_rng(5)
-    # Buckets (tokens, sequences): A = (64, 8), B = (1024, 16), C = (8192, 32).
+    # Buckets (tokens, sequences): A = (64, 8), B = (1024, 16), C = (6144, 32).
     batches = [[16], [100] * 10, [16], [300] * 20, [16], [3, 5], [200] * 30, [16]]  # A B A C A A C A
     for lengths in batches:
         requests = requests_of(lengths, rng)
@@ -72,4 +72,4 @@ def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folde
         assert cosine.min() >= 0.9999, (lengths, cosine.min())
     # C ran eagerly the first time, and evicted B (never replayed) the second.
     assert graphed.graphed.evictions == 1
-    assert [key[0] for key in graphed.graphed.graphs] == [8192, 64]  # least recently replayed first
+    assert [key[0] for key in graphed.graphed.graphs] == [6144, 64]  # least recently replayed first

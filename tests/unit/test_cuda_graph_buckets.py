@@ -49,8 +49,18 @@ def host_batch(lengths, slots=None):
 
 def test_buckets_round_up_and_ignore_the_longest_sequence_for_triton_packed():
     assert graphed("triton_packed").bucket(host_batch([16])) == (64, 8, 512, "base")
-    assert graphed("triton_packed").bucket(host_batch([300] * 20)) == (8192, 32, 512, "base")
+    assert graphed("triton_packed").bucket(host_batch([300] * 20)) == (6144, 32, 512, "base")
+    assert graphed("triton_packed").bucket(host_batch([300] * 13)) == (4096, 16, 512, "base")
     assert graphed("flash_attn").bucket(host_batch([16, 100])) == (128, 8, 128, "base")
+
+
+def test_large_batches_take_token_buckets_of_2048_rows_up_to_the_budget():
+    """Past 4,096 tokens a bucket is a multiple of 2,048, not a power of two (a graph computes every
+    row of its bucket); a full batch takes the budget plus the one padding row."""
+    forward = graphed("triton_packed", max_tokens=16384)
+    assert forward.bucket(host_batch([450] * 20))[0] == 10240  # 9,000 tokens, not 16,384
+    assert forward.bucket(host_batch([512] * 24))[0] == 14336  # 12,288 + the padding row
+    assert forward.bucket(host_batch([512] * 32))[0] == 16385
 
 
 @pytest.mark.parametrize(
@@ -119,4 +129,4 @@ def test_when_full_a_bucket_is_graphed_from_its_second_sighting(monkeypatch):
     assert forward.bucket(host_batch([16])) == (64, 8, 512, "base")  # already graphed
     new = host_batch([300] * 20)
     assert forward.bucket(new) is None  # first sighting: eager
-    assert forward.bucket(new) == (8192, 32, 512, "base")  # second: worth evicting for
+    assert forward.bucket(new) == (6144, 32, 512, "base")  # second: worth evicting for
