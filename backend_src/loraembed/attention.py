@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from .errors import ConfigurationError
 from .packed_attention_triton import packed_attention, triton
 
-# `auto` takes the first that can run. Measured on an H100 (benchmarks/attention_bench.py, 16k-token
-# batches, 2026-11-27): triton_packed 2.7x flash-attn on queries, 1.1x on passages, even on
-# 400-token texts; flash-attn and varlen_attn next (the same FlashAttention-2 algorithm).
+# `auto` takes the first that can run. Measured on an H200 (benchmarks/attention_bench.py, 16k-token
+# batches, CUDA-graph timing, 2026-11-28): triton_packed 6.1x flash-attn on queries, 1.18x on
+# passages, 0.98x on 400-token texts (16 heads: 1.33x and 1.04x); flash-attn and varlen_attn next
+# (the same FlashAttention-2 algorithm). In the model, flash-attn ran 0.73x on queries, 0.95x on
+# passages and 1.00x on long texts (benchmarks/RESULTS.md).
 ATTENTION_BACKENDS = ("triton_packed", "flash_attn", "torch_varlen", "sdpa")
 
 
