@@ -137,6 +137,18 @@ def _lora_kernel_supported(x: torch.Tensor, lora: LoraDelta) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _layer_norm_rows(summed, mask, cols, n_cols, weight_ptr, bias_ptr, eps):
+        """LayerNorm of rows `summed` [ROWS, BLOCK] float32 (zero where `mask` is off), cols [1, BLOCK]:
+        the float32 result times the weight, plus the bias. The kernels below share it."""
+        mean = tl.sum(summed, axis=1)[:, None] / n_cols
+        centered = tl.where(mask, summed - mean, 0.0)
+        variance = tl.sum(centered * centered, axis=1)[:, None] / n_cols
+        normalized = centered * tl.rsqrt(variance + eps)
+        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        return normalized * weight + bias
+
+    @triton.jit
     def _add_layer_norm_kernel(
         x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, n_rows, n_cols, stride_residual, eps,
         BLOCK: tl.constexpr, ROWS: tl.constexpr,
@@ -150,13 +162,8 @@ if triton is not None:
         summed = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + tl.load(
             residual_ptr + rows.to(tl.int64) * stride_residual + cols, mask=mask, other=0.0
         ).to(tl.float32)
-        mean = tl.sum(summed, axis=1)[:, None] / n_cols
-        centered = tl.where(mask, summed - mean, 0.0)
-        variance = tl.sum(centered * centered, axis=1)[:, None] / n_cols
-        normalized = centered * tl.rsqrt(variance + eps)
-        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, (normalized * weight + bias).to(out_ptr.dtype.element_ty), mask=mask)
+        normalized = _layer_norm_rows(summed, mask, cols, n_cols, weight_ptr, bias_ptr, eps)
+        tl.store(out_ptr + offsets, normalized.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["n_rows"])
     def _embeddings_layer_norm_kernel(
@@ -173,14 +180,8 @@ if triton is not None:
         summed = tl.load(word_ptr + ids * stride_word + cols, mask=mask, other=0.0).to(tl.float32)
         summed += tl.load(position_ptr + positions * stride_position + cols, mask=mask, other=0.0).to(tl.float32)
         summed += tl.load(type_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        mean = tl.sum(summed, axis=1)[:, None] / n_cols
-        centered = tl.where(mask, summed - mean, 0.0)
-        variance = tl.sum(centered * centered, axis=1)[:, None] / n_cols
-        normalized = centered * tl.rsqrt(variance + eps)
-        weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows.to(tl.int64) * n_cols + cols, (normalized * weight + bias).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        normalized = _layer_norm_rows(summed, mask, cols, n_cols, weight_ptr, bias_ptr, eps)
+        tl.store(out_ptr + rows.to(tl.int64) * n_cols + cols, normalized.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _lora_delta(
@@ -263,13 +264,8 @@ if triton is not None:
         offsets = rows[:, None] * n_cols + cols[None, :]
         summed += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         summed += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(summed, axis=1)[:, None] / n_cols
-        centered = tl.where(mask, summed - mean, 0.0)
-        variance = tl.sum(centered * centered, axis=1)[:, None] / n_cols
-        normalized = centered * tl.rsqrt(variance + eps)
-        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offsets, (normalized * weight + bias).to(out_ptr.dtype.element_ty), mask=mask)
+        normalized = _layer_norm_rows(summed, mask, cols[None, :], n_cols, weight_ptr, bias_ptr, eps)
+        tl.store(out_ptr + offsets, normalized.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def add_lora_activation(x: torch.Tensor, lora: LoraDelta, activation: str) -> torch.Tensor:
