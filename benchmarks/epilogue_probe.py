@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "backend_src"), str(Path(__file__).parent)]
+from gelu_epilogue_bench import SHAPES, intermediate_inputs  # noqa: E402  the same inputs
 from lora_kernel_sweep import microseconds, write_table  # noqa: E402  the same timing and output
 
 from loraembed.fused_ops import add_layer_norm, linear_activation  # noqa: E402
 from loraembed.lora.lora_gemm_gluon import gluon_lora_gemm  # noqa: E402
-
-SHAPES = {"xlmr-base": (768, 3072), "xlmr-large": (1024, 4096)}
 
 
 def main() -> None:
@@ -44,11 +43,7 @@ def main() -> None:
     rows = []  # (model, linear, way, µs, error)
     for model in args.models.split(","):
         hidden, intermediate = SHAPES[model]
-        x = torch.randn(args.tokens, hidden, device=device, dtype=dtype)
-        weight = torch.randn(intermediate, hidden, device=device, dtype=dtype) / hidden**0.5
-        bias = torch.randn(intermediate, device=device, dtype=dtype) * 0.1
-        reference = F.linear(x.float(), weight.float(), bias.float())
-        exact, tanh = F.gelu(reference), F.gelu(reference, approximate="tanh")
+        x, weight, bias, reference, exact, tanh = intermediate_inputs(args.tokens, hidden, intermediate, device, dtype)
         ways = {
             "cuBLAS linear alone (bound)": (lambda: F.linear(x, weight, bias), reference),
             "cuBLAS linear + exact GELU pass": (lambda: F.gelu(F.linear(x, weight, bias)), exact),

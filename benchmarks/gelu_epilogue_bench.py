@@ -22,6 +22,16 @@ from lora_kernel_sweep import microseconds, write_table  # this folder: the same
 SHAPES = {"xlmr-base": (768, 3072), "xlmr-large": (1024, 4096), "minilm": (384, 1536)}
 
 
+def intermediate_inputs(tokens: int, hidden: int, intermediate: int, device: torch.device, dtype: torch.dtype):
+    """Random x, weight, bias of an intermediate projection, and float32 references of its output:
+    (x, weight, bias, linear, exact GELU, tanh GELU)."""
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    weight = torch.randn(intermediate, hidden, device=device, dtype=dtype) / hidden**0.5
+    bias = torch.randn(intermediate, device=device, dtype=dtype) * 0.1
+    reference = F.linear(x.float(), weight.float(), bias.float())
+    return x, weight, bias, reference, F.gelu(reference), F.gelu(reference, approximate="tanh")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384)
@@ -33,11 +43,7 @@ def main() -> None:
              f"{args.tokens} tokens, bfloat16; error: max |y - y_fp32| over the output, against exact and tanh GELU in float32", "",
              "| model | way | µs | vs linear + exact GELU | max err vs exact | max err vs tanh |", "|---|---|---:|---:|---:|---:|"]
     for model, (hidden, intermediate) in SHAPES.items():
-        x = torch.randn(args.tokens, hidden, device=device, dtype=dtype)
-        weight = torch.randn(intermediate, hidden, device=device, dtype=dtype) / hidden**0.5
-        bias = torch.randn(intermediate, device=device, dtype=dtype) * 0.1
-        reference = F.linear(x.float(), weight.float(), bias.float())
-        exact, tanh = F.gelu(reference), F.gelu(reference, approximate="tanh")
+        x, weight, bias, _, exact, tanh = intermediate_inputs(args.tokens, hidden, intermediate, device, dtype)
         ways = {
             "cuBLAS linear alone (bound)": lambda: F.linear(x, weight, bias),
             "cuBLAS linear + exact GELU pass (the encoder)": lambda: F.gelu(F.linear(x, weight, bias)),
