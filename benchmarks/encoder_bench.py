@@ -35,14 +35,12 @@ from loraembed.attention import select_attention_backend  # noqa: E402
 from loraembed.config import ServingConfig  # noqa: E402
 from loraembed.engine import EmbeddingEngine, EncoderRequest  # noqa: E402
 from loraembed.packing import (  # noqa: E402
-    PackedBatch,
     PackingRows,
     SequenceRef,
     build_packed_batch,
     pack_rows,
     plan_batches,
     plan_row_batches,
-    to_device,
 )
 from loraembed.pooling import pool  # noqa: E402
 
@@ -217,17 +215,9 @@ def measure_engine(
         hosts = [pack_rows(rows, selected, offset)
                  for selected in plan_row_batches(rows.lengths, rows.slots, engine.serving.max_batch_tokens)]
 
-        @torch.inference_mode()
         def graphed_forward():
             for host in hosts:
-                key = engine.graphed.bucket(host)
-                if key is None:  # not graphable, or a bucket that has to be seen twice: eager
-                    batch = to_device(host, engine.device)
-                    engine.adapters.activate(batch)
-                    pool(engine.model(batch), batch, engine.settings.pooling)
-                else:
-                    engine.adapters.activate(PackedBatch.host_summary(host), plan_layers=False)
-                    engine.graphed.pooled(host, key)
+                engine.pooled_batch(host)  # eager where no graph applies (see GraphedForward.bucket)
 
         graphed_forward()  # a bucket seen for the first time when the graph cache is full is run eagerly
         graphs_seconds = timed(graphed_forward, repeats)

@@ -23,7 +23,7 @@ from .errors import AdapterError, ConfigurationError, InvalidInputError, Request
 from .lora.metrics import AdapterCounters, AdapterMetrics
 from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
 from .cuda_graphs import GraphedForward
-from .packing import PackedBatch, PackingRows, offsets, pack_rows, plan_row_batches, to_device
+from .packing import HostPackedArrays, PackedBatch, PackingRows, offsets, pack_rows, plan_row_batches, to_device
 from .pooling import finalize_embeddings, pool
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -457,14 +457,18 @@ class EmbeddingEngine:
         pooled = torch.empty(count, self.hidden_size, device=self.device)  # [N, H], request order
         for selected in plan_row_batches(rows.lengths, rows.slots, self.serving.max_batch_tokens):
             host = pack_rows(rows, selected, self.settings.encoder_config.position_offset)
-            graph_bucket = self.graphed.bucket(host) if self.graphed is not None else None
-            if graph_bucket is not None:
-                # Bookkeeping only: the graph takes the batch's adapters as device inputs.
-                self.adapters.activate(PackedBatch.host_summary(host), plan_layers=False)
-                batch_rows = self.graphed.pooled(host, graph_bucket)  # [B, H] float32, a CUDA graph replay
-            else:
-                batch = to_device(host, self.device)
-                self.adapters.activate(batch)
-                batch_rows = pool(self.model(batch), batch, self.settings.pooling)  # [B, H] float32
-            pooled.index_copy_(0, torch.from_numpy(selected).to(self.device, non_blocking=True), batch_rows)
+            pooled.index_copy_(0, torch.from_numpy(selected).to(self.device, non_blocking=True), self.pooled_batch(host))
         return pooled.cpu()
+
+    @torch.inference_mode()
+    def pooled_batch(self, host: HostPackedArrays) -> torch.Tensor:
+        """[B, H] float32 on the device: one packed batch's pooled rows, from a CUDA graph replay of
+        its bucket where one applies, else the eager forward. Its adapter slots must be acquired."""
+        graph_bucket = self.graphed.bucket(host) if self.graphed is not None else None
+        if graph_bucket is not None:
+            # Bookkeeping only: the graph takes the batch's adapters as device inputs.
+            self.adapters.activate(PackedBatch.host_summary(host), plan_layers=False)
+            return self.graphed.pooled(host, graph_bucket)
+        batch = to_device(host, self.device)
+        self.adapters.activate(batch)
+        return pool(self.model(batch), batch, self.settings.pooling)
