@@ -74,6 +74,11 @@ class _CapturedGraph:
     device_input: torch.Tensor
     pooled: torch.Tensor  # [sequences, H] float32, written by each replay
     layout: dict[str, slice]  # where each input lies in the staging buffers (`GraphedForward._layout`)
+    # Device tensors made before the capture that the graph reads and writes at every replay (the
+    # int32 copies of the inputs, the batch's other tensors): a CUDA graph holds no reference to
+    # them, and once freed the allocator handed their memory to other tensors, which replays then
+    # overwrote (an index in `EmbeddingEngine._forward` came out of bounds).
+    static_tensors: tuple
     turn: int = 0
 
 
@@ -98,8 +103,13 @@ class GraphedForward:
         self.stream = torch.cuda.Stream()
         # One memory pool for all graphs: they replay one at a time on one stream, and each
         # replay's output is copied out (stream-ordered) before the next replay can reuse memory;
-        # outputs stay referenced, so no capture hands out another graph's output block.
-        self.memory_pool = torch.cuda.graph_pool_handle()
+        # outputs stay referenced, so no capture hands out another graph's output block. The pool is
+        # a MemPool held here rather than a bare handle: a handle lives only while some graph captured
+        # into it does, and once every graph was dropped (evictions, grown LoRA buffers) while a block
+        # of the pool was still alive, the next capture into it failed the allocator's internal assert
+        # `use_count > 0` (torch 2.11, test_adapter_graph_replays_equal_the_eager_engine_...).
+        self._memory_pool = torch.cuda.MemPool()
+        self.memory_pool = self._memory_pool.id
 
     def bucket(self, host: HostPackedArrays) -> GraphKey | None:
         """The graph bucket that runs this batch, or None: run it eagerly."""
@@ -274,7 +284,7 @@ class GraphedForward:
         events = (torch.cuda.Event(), torch.cuda.Event())
         for event in events:
             event.record()
-        captured = _CapturedGraph(graph, host_inputs, events, device_input, pooled, layout)
+        captured = _CapturedGraph(graph, host_inputs, events, device_input, pooled, layout, (batch, int32))
         self.graphs[key] = captured
         return captured
 
