@@ -111,6 +111,11 @@ class GraphedForward:
         self._memory_pool = torch.cuda.MemPool()
         self.memory_pool = self._memory_pool.id
 
+    def __del__(self) -> None:
+        # The graphs go before their pool: some torch versions assert, when a MemPool is destroyed,
+        # that no graph uses it any more.
+        getattr(self, "graphs", {}).clear()
+
     def bucket(self, host: HostPackedArrays) -> GraphKey | None:
         """The graph bucket that runs this batch, or None: run it eagerly."""
         if self.model.attention_backend not in ("flash_attn", "torch_varlen", "triton_packed"):
