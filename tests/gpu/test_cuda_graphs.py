@@ -1,5 +1,7 @@
-"""CUDA graph replays of small base-model batches equal the eager forward pass, across buckets,
-repeated replays, both fast attention backends and both poolings; adapter batches stay eager."""
+"""CUDA graph replays of base-model batches equal the eager forward pass, across buckets, repeated
+replays, the three fast attention backends and both poolings; evictions keep the most recently
+replayed graphs; replays write only memory their graph keeps, and a capture after every graph was
+evicted still works. Adapter graphs: tests/gpu/test_lora_gpu_parity.py."""
 
 from __future__ import annotations
 
