@@ -122,6 +122,7 @@ class GraphedForward:
             return None  # the SDPA reference syncs with the host: not capturable
         if len(host.input_ids) > self.max_tokens:
             return None
+        self._drop_stale_lora_graphs()
         plan = BASE_PLAN
         if host.slots.any():
             plan = self._lora_plan(host.slots, host.cu_seqlens)
@@ -135,14 +136,18 @@ class GraphedForward:
         self._sightings[key] = self._sightings.get(key, 0) + 1
         return key if self._sightings[key] >= 2 else None
 
+    def _drop_stale_lora_graphs(self) -> None:
+        """LoRA buffers reallocated since the last batch: the graphs that read the old ones go at once,
+        whatever this batch is, so they hold no cache place and no pool memory."""
+        if self.lora_layers is None or self.lora_layers.buffer_generation == self._lora_generation:
+            return
+        for key in [key for key in self.graphs if key[3] != BASE_PLAN]:
+            self._drop(key)
+        self._lora_generation = self.lora_layers.buffer_generation
+
     def _lora_plan(self, slots: np.ndarray, cu_seqlens: np.ndarray) -> str | None:
         if self.lora_layers is None:
             return None
-        generation = self.lora_layers.buffer_generation
-        if generation != self._lora_generation:  # buffers reallocated: LoRA graphs read stale ones
-            for key in [key for key in self.graphs if key[3] != BASE_PLAN]:
-                self._drop(key)
-            self._lora_generation = generation
         if np.count_nonzero(np.diff(slots)) + 1 > self._segment_capacity(_bucket(len(slots) + 1, MIN_SEQUENCES)):
             return None  # more adapter segments than the bucket's block table holds
         plan = self.lora_layers.graph_plan(slots)

@@ -463,7 +463,9 @@ class EmbeddingEngine:
     @torch.inference_mode()
     def pooled_batch(self, host: HostPackedArrays) -> torch.Tensor:
         """[B, H] float32 on the device: one packed batch's pooled rows, from a CUDA graph replay of
-        its bucket where one applies, else the eager forward. Its adapter slots must be acquired."""
+        its bucket where one applies, else the eager forward. Its adapter slots must be acquired. A
+        replay's rows are a view of its graph's output, which the next replay of that bucket
+        overwrites: read or copy them (stream-ordered) before the next call."""
         graph_bucket = self.graphed.bucket(host) if self.graphed is not None else None
         if graph_bucket is not None:
             # Bookkeeping only: the graph takes the batch's adapters as device inputs.

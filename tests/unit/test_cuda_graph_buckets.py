@@ -130,3 +130,18 @@ def test_when_full_a_bucket_is_graphed_from_its_second_sighting(monkeypatch):
     new = host_batch([300] * 20)
     assert forward.bucket(new) is None  # first sighting: eager
     assert forward.bucket(new) == (6144, 32, 512, "base")  # second: worth evicting for
+
+
+def test_grown_lora_buffers_drop_the_adapter_graphs_before_any_batch():
+    """Graphs that read LoRA buffers since reallocated go at the next batch, a base-model one too, so
+    they hold no place in the cache; base-model graphs stay."""
+    layers = KernelLoraLayers()
+    forward = graphed("triton_packed", lora_layers=layers)
+    forward._drop = forward.graphs.pop  # dropping a real graph waits on the GPU first
+    for key in [(64, 8, 512, "base"), (64, 8, 512, "merged"), (128, 8, 512, "tables")]:
+        forward.graphs[key] = object()
+    assert forward.bucket(host_batch([16])) == (64, 8, 512, "base")
+    assert len(forward.graphs) == 3  # same generation: nothing dropped
+    layers.buffer_generation = 1
+    assert forward.bucket(host_batch([16])) == (64, 8, 512, "base")
+    assert list(forward.graphs) == [(64, 8, 512, "base")]

@@ -132,6 +132,29 @@ def test_layers_no_adapter_targets_stay_plain(mixed):
     assert [ranks[slot] for ranks in qkv.slot_ranks] == [2, 0, 0]  # query only; key and value untouched
 
 
+def test_grown_lora_buffers_are_not_kept_by_cached_descriptors(mixed):
+    """The Gluon kernel caches the TMA descriptors of the weights and B buffers, and a descriptor holds
+    its tensor. When a larger rank grows a linear's buffers, the cache is dropped, so the replaced
+    buffer is freed. On the CPU no Gluon kernel runs: a stand-in descriptor holds the buffer."""
+    import gc
+    import types
+    import weakref
+
+    import loraembed.lora.lora_gemm_gluon as lora_gemm_gluon
+
+    engine = make_engine(mixed.model_path, adapter_root=mixed.adapter_root)
+    raise_if_error(engine.embed([EncoderRequest(*_row(mixed, 0), adapter_ids=["rank-2"])])[0])
+    qkv = engine.adapters.layers.linears["encoder.layer.0.attention.self.qkv"]
+    assert qkv.rank_capacity == 2
+    replaced = weakref.ref(qkv.lora_b_cat)
+    lora_gemm_gluon._STATIC_DESCRIPTORS[("stand-in",)] = types.SimpleNamespace(base=qkv.lora_b_cat)
+    raise_if_error(engine.embed([EncoderRequest(*_row(mixed, 0), adapter_ids=["rank-8"])])[0])  # key, value: 8
+    assert qkv.rank_capacity == 8
+    gc.collect()
+    assert replaced() is None
+    assert ("stand-in",) not in lora_gemm_gluon._STATIC_DESCRIPTORS
+
+
 # --- device slots ----------------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from ..encoder import FUSED_PROJECTIONS, PackedEncoder
 from ..fused_ops import LoraDelta
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
+from .lora_gemm_gluon import forget_static_descriptors
 from .lora_gemm_triton import fused_gemm_fills_gpu, lora_gemm, lora_gemm_supported
 from .segmented import apply_segmented_lora, slot_of
 from .sgmv_triton import build_lora_batch_tables, lora_expand, lora_merge, lora_shrink, sgmv_supported
@@ -164,6 +165,7 @@ class SegmentedLoraLinear(nn.Linear):
             columns.append(columns[-1] + width)
         self.lora_a_cat, self.lora_b_cat, self.rank_capacity = lora_a_cat, lora_b_cat, rank
         self.batch_state.buffer_generation += 1  # graphs that read the old buffers are stale
+        forget_static_descriptors()  # cached Gluon descriptors would keep the old B buffer allocated
         self.lora_a = tuple(lora_a_cat[:, index * rank : (index + 1) * rank] for index in range(slices))
         self.lora_b = tuple(lora_b_cat[:, columns[i] : columns[i + 1]] for i in range(slices))
 

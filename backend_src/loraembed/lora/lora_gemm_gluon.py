@@ -280,11 +280,19 @@ def narrow_tiles_pay(rows: int, out_features: int, programs: int) -> bool:
     return narrow_rounds * NARROW_TILE_COST / 2 < wide_rounds
 
 
-# Descriptors of the weights and B buffers, which live as long as the model: building one costs the
-# host ~10 µs of Python, and the host's launch work bounds eager mixed-adapter batches (NOTES item 36).
-# A descriptor is its values (address, shape, strides, block, layout), so a key of them is exact.
+# Descriptors of the weights and B buffers, which live as long as the model or until the buffers grow
+# (`forget_static_descriptors`): building one costs the host ~10 µs of Python, and the host's launch
+# work bounds eager mixed-adapter batches (NOTES item 36). A descriptor is its values (address,
+# shape, strides, block, layout), so a key of them is exact.
 _STATIC_DESCRIPTORS: dict[tuple, "TensorDescriptor"] = {}
 _STATIC_DESCRIPTORS_MAX = 512
+
+
+def forget_static_descriptors() -> None:
+    """Drop the cached descriptors, when LoRA buffers are reallocated: a descriptor holds its tensor,
+    so a cached one kept the replaced buffer allocated. Captured graphs keep the descriptors they
+    were captured with (kernel arguments are copied into the graph)."""
+    _STATIC_DESCRIPTORS.clear()
 
 
 def _static_descriptor(tensor: torch.Tensor, block: list[int], layout) -> "TensorDescriptor":
