@@ -313,14 +313,18 @@ def add_layer_norm(
         residual = residual.contiguous()
     n_rows, n_cols = x.shape
     out = torch.empty_like(x)
-    block = triton.next_power_of_2(n_cols)
-    rows_per_program = max(1, min(16, 4096 // block))
-    grid = (triton.cdiv(n_rows, rows_per_program),)
-    _add_layer_norm_kernel[grid](
-        x, residual, weight, bias, out, n_rows, n_cols, residual.stride(0), eps,
-        BLOCK=block, ROWS=rows_per_program, num_warps=4 if block <= 1024 else 8,
+    launch = _layer_norm_launch(n_cols)
+    _add_layer_norm_kernel[(triton.cdiv(n_rows, launch["ROWS"]),)](
+        x, residual, weight, bias, out, n_rows, n_cols, residual.stride(0), eps, **launch,
     )
     return out
+
+
+def _layer_norm_launch(n_cols: int) -> dict:
+    """BLOCK, ROWS and num_warps of the two plain LayerNorm kernels: each row whole in registers,
+    up to 4,096 values per program."""
+    block = triton.next_power_of_2(n_cols)
+    return dict(BLOCK=block, ROWS=max(1, min(16, 4096 // block)), num_warps=4 if block <= 1024 else 8)
 
 
 def embeddings_layer_norm(
@@ -337,11 +341,10 @@ def embeddings_layer_norm(
     out = torch.empty(n_rows, n_cols, device=word.device, dtype=word.dtype)
     if n_rows == 0:
         return out
-    block = triton.next_power_of_2(n_cols)
-    rows_per_program = max(1, min(16, 4096 // block))
-    _embeddings_layer_norm_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+    launch = _layer_norm_launch(n_cols)
+    _embeddings_layer_norm_kernel[(triton.cdiv(n_rows, launch["ROWS"]),)](
         input_ids.contiguous(), position_ids.contiguous(), word, position, type_row.contiguous(), weight, bias, out, n_rows, n_cols,
-        word.stride(0), position.stride(0), eps, BLOCK=block, ROWS=rows_per_program, num_warps=4 if block <= 1024 else 8,
+        word.stride(0), position.stride(0), eps, **launch,
     )
     return out
 

@@ -299,7 +299,7 @@ def _static_descriptor(tensor: torch.Tensor, block: list[int], layout) -> "Tenso
     key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tuple(block))
     descriptor = _STATIC_DESCRIPTORS.get(key)
     if descriptor is None:
-        if len(_STATIC_DESCRIPTORS) >= _STATIC_DESCRIPTORS_MAX:  # buffers were reallocated many times
+        if len(_STATIC_DESCRIPTORS) >= _STATIC_DESCRIPTORS_MAX:  # e.g. the weights of many engines in one process
             _STATIC_DESCRIPTORS.clear()
         descriptor = _STATIC_DESCRIPTORS[key] = TensorDescriptor.from_tensor(tensor, block, layout)
     return descriptor
