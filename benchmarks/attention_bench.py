@@ -1,10 +1,11 @@
 """Attention kernels alone on packed 16k-token batches: flash-attn, PyTorch's varlen_attn and our
-Triton kernel whose query tiles span several sequences (several tile shapes), on the encoder
+Triton kernel whose query tiles span several sequences (several tile shapes, with and without the
+host's tile table that gives each sequence of a tile's length or more its own tiles), on the encoder
 benchmark's workloads. Q/K/V are views of one fused [T, 3, heads, head_dim] projection, as the
 encoder passes them. Prints a table (card, date; flash-attn is the baseline) of microseconds per
 call, and each kernel's largest deviation from the SDPA reference on the first batch.
 
-    python benchmarks/attention_bench.py [--heads 12] [--head-dim 64] [--out DIR]
+    python benchmarks/attention_bench.py [--heads 12] [--head-dim 64] [--kernels SUBSTRING,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from encoder_bench import draw_lengths  # noqa: E402  the same length distributi
 from lora_kernel_sweep import microseconds  # noqa: E402  the same timing
 
 from loraembed.attention import sdpa_reference_attention, varlen_attention  # noqa: E402
-from loraembed.packed_attention_triton import packed_attention  # noqa: E402
+from loraembed.packed_attention_triton import packed_attention, query_tile_starts  # noqa: E402
 
-# (block_m, block_n, num_warps, num_stages, heads_inner, split_unmasked): packed_attention's arguments
+# (block_m, block_n, num_warps, num_stages, heads_inner, split_unmasked, tile table): packed_attention's
+# launch arguments, and whether the host's tile table (query_tile_starts) cuts the tiles
 TRITON_SHAPES = [
-    (64, 64, 4, 3, False, False), (64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True),
-    (64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True), (64, 32, 4, 2, True, True), (64, 32, 4, 4, True, True),
-    (64, 16, 4, 3, True, True), (32, 32, 4, 3, True, True), (128, 32, 8, 3, True, True), (128, 64, 8, 3, True, True),
-    (64, 32, 8, 3, True, True),
+    (64, 64, 4, 3, False, False, False), (64, 64, 4, 3, True, False, False), (64, 64, 4, 3, True, True, False),
+    (64, 32, 4, 3, True, False, False), (64, 32, 4, 3, True, True, False), (64, 32, 4, 2, True, True, False),
+    (64, 32, 4, 4, True, True, False), (64, 16, 4, 3, True, True, False), (32, 32, 4, 3, True, True, False),
+    (128, 32, 8, 3, True, True, False), (128, 64, 8, 3, True, True, False), (64, 32, 8, 3, True, True, False),
+    (64, 32, 4, 3, True, False, True), (64, 32, 4, 3, True, True, True), (64, 64, 4, 3, True, True, True),
+    (32, 32, 4, 3, True, True, True), (128, 32, 8, 3, True, True, True), (128, 64, 8, 3, True, True, True),
 ]
 
 
@@ -58,12 +62,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--workloads", default="queries,passages,long")
+    parser.add_argument("--kernels", default="", help="only kernels whose name holds one of these substrings")
     parser.add_argument("--out", default=None, help="also write the table to DIR/attention-bench.md")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     kernels = {"flash_attn": None, "torch_varlen": None}
     for shape in TRITON_SHAPES:
-        kernels["triton_packed %dx%d w%d s%d" % shape[:4] + " heads-inner" * shape[4] + " split" * shape[5]] = shape
+        name = "triton_packed %dx%d w%d s%d" % shape[:4] + " heads-inner" * shape[4] + " split" * shape[5]
+        kernels[name + " tile-table" * shape[6]] = shape
+    if args.kernels:
+        kernels = {name: shape for name, shape in kernels.items() if any(part in name for part in args.kernels.split(","))}
     lines = [
         f"# Attention kernels alone ({args.heads} heads x {args.head_dim}, {args.tokens} tokens per batch, bf16)",
         "",
@@ -85,7 +93,13 @@ def main() -> None:
                 if shape is None:
                     call = lambda name=name: varlen_attention(q, k, v, cu, longest, sequence_index, name)  # noqa: E731
                 else:
-                    call = lambda shape=shape: packed_attention(q, k, v, cu, sequence_index, *shape)  # noqa: E731
+                    block_m, block_n, num_warps, num_stages, heads_inner, split_unmasked, tiled = shape
+                    tiles = (torch.from_numpy(query_tile_starts(cu.cpu().numpy(), len(sequence_index), None, block_m)).to(DEVICE)
+                             if tiled else None)
+                    call = lambda tiles=tiles, launch=dict(  # noqa: E731
+                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                        heads_inner=heads_inner, split_unmasked=split_unmasked,
+                    ): packed_attention(q, k, v, cu, sequence_index, tiles, **launch)
                 error = float((call().float() - reference).abs().max())
                 micros = cuda_time_us(call)
             except Exception as failure:  # e.g. flash-attn missing, or a tile shape out of shared memory

@@ -91,14 +91,16 @@ def varlen_attention(
     max_seqlen: int,
     token_sequence_index: torch.Tensor,
     backend: str,
+    query_tile_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention within each sequence of a packed stream.
 
     query, key, value: [T, heads, head_dim]; cu_seqlens: [B+1] int32 on the same device;
-    token_sequence_index: [T], the sequence of each token. Returns [T, heads, head_dim].
+    token_sequence_index: [T], the sequence of each token; query_tile_starts: `triton_packed`'s
+    tiles (`PackedBatch.query_tile_starts`; other backends ignore it). Returns [T, heads, head_dim].
     """
     if backend == "triton_packed":
-        return packed_attention(query, key, value, cu_seqlens, token_sequence_index)
+        return packed_attention(query, key, value, cu_seqlens, token_sequence_index, query_tile_starts)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 

@@ -39,6 +39,7 @@ import torch
 from .encoder import PackedEncoder
 from .lora.lora_gemm_triton import MAX_RUNS, TILE_ROWS, max_runs_bound, tile_slot_table
 from .lora.sgmv_triton import lora_batch_table_arrays, max_lora_blocks
+from .packed_attention_triton import query_tile_capacity, query_tile_starts
 from .packing import HostPackedArrays, PackedBatch, adapter_segments
 from .pooling import pool
 
@@ -176,7 +177,8 @@ class GraphedForward:
     def _layout(self, key: GraphKey) -> dict[str, slice]:
         """Where each input lies in a bucket's staging buffer (int64 elements)."""
         tokens, sequences, _, plan = key
-        sizes = {"input_ids": tokens, "position_ids": tokens, "sequence_index": tokens, "cu_seqlens": sequences + 1}
+        sizes = {"input_ids": tokens, "position_ids": tokens, "sequence_index": tokens, "cu_seqlens": sequences + 1,
+                 "query_tile_starts": query_tile_capacity(tokens) + 1}
         if plan != BASE_PLAN:
             blocks = max_lora_blocks(tokens, self._segment_capacity(sequences))
             sizes.update(merged_slot=1, block_table=3 * blocks, token_slots=tokens)
@@ -216,6 +218,9 @@ class GraphedForward:
         fill("position_ids", host.position_ids, self.position_offset)
         fill("sequence_index", host.sequence_index, num_sequences - 1)  # padding tokens pool into the last
         fill("cu_seqlens", host.cu_seqlens, total)  # empty sequences
+        bucket_tokens = key[0]  # the graph's rows; the tiles cover its padding rows too
+        tile_starts = query_tile_starts(host.cu_seqlens, bucket_tokens, query_tile_capacity(bucket_tokens))
+        fill("query_tile_starts", tile_starts, bucket_tokens)  # unused tiles: empty
         if plan == "merged":
             view[layout["merged_slot"]] = host.slots[0]
         elif plan != BASE_PLAN:
@@ -263,8 +268,11 @@ class GraphedForward:
             sequence_lengths=(0,) * num_sequences,
             adapter_segments=(),
             adapter_slots=torch.zeros(num_sequences, dtype=torch.int32, device=device),
+            query_tile_starts=device_input[layout["query_tile_starts"]],
         )
         batch.position_ids.fill_(self.position_offset)  # valid positions for the warm-up runs
+        plain_tiles = torch.from_numpy(query_tile_starts(np.zeros(1, dtype=np.int64), tokens))  # and valid tiles
+        batch.query_tile_starts.fill_(tokens)[: len(plain_tiles)].copy_(plain_tiles)
 
         if plan != BASE_PLAN:
             tile_slots = int32["tile_slots"].view(-1, 1 + MAX_RUNS) if "tile_slots" in int32 else None

@@ -126,7 +126,8 @@ class Layer(nn.Module):
         qkv = self.attention.self.qkv(hidden).view(total_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # each [T, heads, head_dim]
         context = varlen_attention(
-            query, key, value, batch.cu_seqlens, batch.max_seqlen, batch.token_sequence_index, attention_backend
+            query, key, value, batch.cu_seqlens, batch.max_seqlen, batch.token_sequence_index, attention_backend,
+            batch.query_tile_starts,
         )
         attended, lora = _linear(self.attention.output.dense, context.reshape(total_tokens, hidden_size))  # [T, H]
         hidden = _add_layer_norm(attended, hidden, self.attention.output.LayerNorm, lora)

@@ -8,6 +8,12 @@ its first token's sequence to the end of its last token's, and masks every key o
 own sequence (block-diagonal attention). Short sequences fill tiles; a long one costs what it
 would cost in flash-attn.
 
+Where the host passes a tile table (`query_tile_starts`), tiles are cut at the start and end of
+every sequence of at least a tile's length, so such a sequence's tiles hold its tokens only: they
+visit only its keys, and all but its last key block need no mask. Short sequences still share
+tiles. On the benchmark's passages this drops ~10% of the key blocks and three quarters of the
+masked ones (benchmarks/NOTES.md item 49).
+
 Non-causal, no dropout, exact softmax (online, float32); the reference is
 `attention.sdpa_reference_attention`, which the GPU tests compare this kernel with.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 try:
@@ -35,6 +42,48 @@ BLOCK_N = 32  # keys per step
 # texts of ~400 tokens). So it is on when the batch's mean sequence is at least a tile long.
 SPLIT_UNMASKED_MIN_MEAN_LENGTH = BLOCK_M
 MASKED_SCORE = -1.0e30  # finite, so a tile whose keys are all masked so far never computes inf - inf
+# A CUDA graph's grid is fixed: its tile table has room for this share of tiles beyond one per
+# BLOCK_M tokens (the benchmark's passages need ~20% more; where a batch would need more, fewer
+# sequences get tiles of their own, see query_tile_starts).
+EXTRA_TILE_SHARE = 4  # room for ceil(tokens / BLOCK_M / EXTRA_TILE_SHARE) extra tiles
+
+
+def query_tile_capacity(total_tokens: int, block_m: int = BLOCK_M) -> int:
+    """The tile count a table for `total_tokens` tokens never exceeds (a CUDA graph's grid)."""
+    tiles = -(-total_tokens // block_m)
+    return tiles + -(-tiles // EXTRA_TILE_SHARE)
+
+
+def _cut_into_tiles(cuts: np.ndarray, block_m: int) -> np.ndarray:
+    """Tile starts: each stretch [cuts[i], cuts[i+1]) cut into tiles of block_m from its start."""
+    tiles = -(-np.diff(cuts) // block_m)  # per stretch
+    first = np.cumsum(tiles) - tiles
+    within = np.arange(int(tiles.sum())) - np.repeat(first, tiles)
+    return np.repeat(cuts[:-1], tiles) + block_m * within
+
+
+def query_tile_starts(
+    cu_seqlens: np.ndarray, total_tokens: int, max_tiles: int | None = None, block_m: int = BLOCK_M
+) -> np.ndarray:
+    """The query tiles of a packed batch as boundaries [tiles + 1] (int64; tile i is
+    [starts[i], starts[i+1]), at most block_m tokens, and the last boundary is total_tokens).
+
+    A sequence of at least `block_m` tokens gets tiles of its own, cut from its start; the shorter
+    sequences between two such sequences share tiles. total_tokens may exceed cu_seqlens[-1] (a CUDA
+    graph's padding rows). Where that gives more than `max_tiles` tiles, only sequences of at least
+    2, 4, ... tiles' length get their own, down to plain tiles of block_m tokens from 0 (never more
+    than max_tiles once max_tiles >= ceil(total_tokens / block_m))."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    lengths = np.diff(cu)
+    threshold = block_m
+    while total_tokens and lengths.size and threshold <= lengths.max():
+        own = lengths >= threshold
+        cuts = np.unique(np.concatenate(([0, total_tokens], cu[:-1][own], cu[1:][own])))
+        starts = _cut_into_tiles(cuts, block_m)
+        if max_tiles is None or len(starts) <= max_tiles:
+            return np.append(starts, total_tokens)
+        threshold *= 2
+    return np.append(np.arange(0, total_tokens, block_m, dtype=np.int64), total_tokens)
 
 
 if triton is not None:
@@ -73,12 +122,12 @@ if triton is not None:
     # The token count changes with every batch: no specialization on it (one compiled variant).
     @triton.jit(do_not_specialize=["total_tokens"])
     def _packed_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, sequence_index_ptr, cu_seqlens_ptr,
+        q_ptr, k_ptr, v_ptr, out_ptr, sequence_index_ptr, cu_seqlens_ptr, tile_starts_ptr,
         total_tokens, scale_log2,
         stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
         stride_out_token, stride_out_head,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-        HEADS_INNER: tl.constexpr, SPLIT_UNMASKED: tl.constexpr,
+        HEADS_INNER: tl.constexpr, SPLIT_UNMASKED: tl.constexpr, TILE_TABLE: tl.constexpr,
     ):
         if HEADS_INNER:  # the heads of one query tile run side by side: they read the same token rows
             head = tl.program_id(0).to(tl.int64)
@@ -86,8 +135,14 @@ if triton is not None:
         else:
             tile = tl.program_id(0)
             head = tl.program_id(1).to(tl.int64)
-        queries = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] token positions
-        query_valid = queries < total_tokens
+        if TILE_TABLE:  # tile i is [starts[i], starts[i + 1]); a table's unused tiles are empty
+            tile_start = tl.load(tile_starts_ptr + tile)
+            tile_end = tl.load(tile_starts_ptr + tile + 1)
+        else:
+            tile_start = tile * BLOCK_M
+            tile_end = total_tokens
+        queries = tile_start + tl.arange(0, BLOCK_M)  # [BM] token positions
+        query_valid = queries < tile_end
         dims = tl.arange(0, BLOCK_D)
         dim_valid = dims < HEAD_DIM
         # Each query's own sequence [start, end): keys outside it are masked.
@@ -141,6 +196,7 @@ def packed_attention(
     value: torch.Tensor,
     cu_seqlens: torch.Tensor,
     token_sequence_index: torch.Tensor,
+    tile_starts: torch.Tensor | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
     num_warps: int = 4,
@@ -150,7 +206,9 @@ def packed_attention(
 ) -> torch.Tensor:
     """query, key, value: [T, heads, head_dim] (any strides with a contiguous last dim, e.g. views of
     one fused QKV output); cu_seqlens: [B+1] int32; token_sequence_index: [T], the sequence of each
-    token (tokens past cu_seqlens[-1] may name an empty sequence). Returns [T, heads, head_dim].
+    token (tokens past cu_seqlens[-1] may name an empty sequence); tile_starts: None (tiles of
+    block_m tokens from 0) or `query_tile_starts(...)` for this block_m on the device, int64, whose
+    last entry may be followed by empty tiles. Returns [T, heads, head_dim].
     The tile sizes and launch options are for benchmarks/attention_bench.py; the defaults are its
     pick. heads_inner: program (head, tile) instead of (tile, head). split_unmasked: None = when the
     mean sequence (from sizes the host knows, no sync) is at least SPLIT_UNMASKED_MIN_MEAN_LENGTH."""
@@ -164,14 +222,14 @@ def packed_attention(
     for tensor in (query, key, value):
         if tensor.stride(-1) != 1:
             raise ValueError("packed_attention needs the head dimension contiguous")
-    tiles = triton.cdiv(total_tokens, block_m)
+    tiles = triton.cdiv(total_tokens, block_m) if tile_starts is None else tile_starts.numel() - 1
     grid = (num_heads, tiles) if heads_inner else (tiles, num_heads)
     _packed_attention_kernel[grid](
-        query, key, value, out, token_sequence_index, cu_seqlens,
+        query, key, value, out, token_sequence_index, cu_seqlens, cu_seqlens if tile_starts is None else tile_starts,
         total_tokens, (1.0 / math.sqrt(head_dim)) * 1.4426950408889634,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HEAD_DIM=head_dim,
-        HEADS_INNER=heads_inner, SPLIT_UNMASKED=split_unmasked, num_warps=num_warps, num_stages=num_stages,
+        HEADS_INNER=heads_inner, SPLIT_UNMASKED=split_unmasked, TILE_TABLE=tile_starts is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .packed_attention_triton import query_tile_starts
+
 
 @dataclass(frozen=True)
 class SequenceRef:
@@ -43,6 +45,9 @@ class PackedBatch:
     sequence_lengths: tuple[int, ...]  # host copy of the lengths, [B]
     adapter_segments: tuple[AdapterSegment, ...]  # host-side, ordered, covering [0, T)
     adapter_slots: torch.Tensor  # [B] int32, per sequence
+    # [tiles + 1] int64: the query tiles of `triton_packed` attention (`query_tile_starts`); None:
+    # tiles of BLOCK_M tokens from 0
+    query_tile_starts: torch.Tensor | None = None
 
     @classmethod
     def host_summary(cls, host: "HostPackedArrays") -> "PackedBatch":
@@ -131,8 +136,9 @@ def pack_rows(rows: PackingRows, selected: np.ndarray, position_offset: int) -> 
 def to_device(host: "HostPackedArrays", device: torch.device) -> PackedBatch:
     """The packed batch on `device`, from its host arrays, in one host-to-device copy."""
     total, num_sequences = len(host.input_ids), len(host.lengths)
+    tile_starts = query_tile_starts(host.cu_seqlens, total)
     flat_host = torch.from_numpy(
-        np.concatenate([host.input_ids, host.position_ids, host.sequence_index, host.cu_seqlens, host.slots])
+        np.concatenate([host.input_ids, host.position_ids, host.sequence_index, host.cu_seqlens, host.slots, tile_starts])
     )
     if device.type == "cuda":
         flat_host = flat_host.pin_memory()
@@ -142,7 +148,8 @@ def to_device(host: "HostPackedArrays", device: torch.device) -> PackedBatch:
         position_ids=flat[total : 2 * total],
         token_sequence_index=flat[2 * total : 3 * total],
         cu_seqlens=flat[3 * total : 3 * total + num_sequences + 1].to(torch.int32),
-        adapter_slots=flat[3 * total + num_sequences + 1 :].to(torch.int32),
+        adapter_slots=flat[3 * total + num_sequences + 1 : 3 * total + 2 * num_sequences + 1].to(torch.int32),
+        query_tile_starts=flat[3 * total + 2 * num_sequences + 1 :],
         max_seqlen=int(host.lengths.max()),
         sequence_lengths=tuple(host.lengths.tolist()),
         adapter_segments=adapter_segments(host.slots, host.cu_seqlens),

@@ -192,3 +192,41 @@ def test_packed_attention_launch_options_match_sdpa_reference(launch, case):
     assert torch.isfinite(fast).all()
     row_error = (fast[:total] - reference).abs().amax(dim=(1, 2))
     assert float(row_error.max()) < 0.05
+
+
+@pytest.mark.parametrize("launch", [
+    dict(), dict(split_unmasked=True), dict(split_unmasked=False),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=2, split_unmasked=True),
+], ids=lambda launch: ",".join(f"{key}={value}" for key, value in launch.items()) or "defaults")
+@pytest.mark.parametrize("graph_capacity", [False, True], ids=["exact table", "graph-sized table"])
+@pytest.mark.parametrize("case", [*ATTENTION_CASES, "long among short"])
+def test_packed_attention_tile_table_matches_sdpa_reference(launch, graph_capacity, case):
+    """Tiles from the host's table (`query_tile_starts`: sequences of a tile's length or more get
+    tiles of their own), with padding rows past cu_seqlens[-1]; the graph-sized table is filled to
+    `query_tile_capacity` with empty tiles, as a CUDA graph's staging buffer is."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from loraembed.packed_attention_triton import BLOCK_M, packed_attention, query_tile_capacity, query_tile_starts
+
+    torch.manual_seed(6)
+    block_m = launch.get("block_m", BLOCK_M)
+    lengths = torch.tensor(ATTENTION_CASES.get(case) or [3, 200, 5, 64, 63, 65, 1, 128, 2, 2, 400, 9])
+    total, padding = int(lengths.sum()), 9
+    cu_seqlens = torch.zeros(len(lengths) + 2, dtype=torch.int32)
+    cu_seqlens[1:-1] = lengths.cumsum(0)
+    cu_seqlens[-1] = total
+    rows = total + padding
+    capacity = query_tile_capacity(rows, block_m) if graph_capacity else None
+    tiles = query_tile_starts(cu_seqlens.numpy(), rows, capacity, block_m)
+    if capacity is not None:
+        tiles = np.concatenate([tiles, np.full(capacity + 1 - len(tiles), rows)])
+    sequence_index = torch.cat([_lengths_to_sequence_index(lengths), torch.full((padding,), len(lengths))]).cuda()
+    qkv = torch.randn(rows, 3, 12, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    fast = packed_attention(q, k, v, cu_seqlens.cuda(), sequence_index, torch.from_numpy(tiles).cuda(), **launch).float()
+    reference = sdpa_reference_attention(q[:total].double(), k[:total].double(), v[:total].double(),
+                                         cu_seqlens[:-1].cuda(), int(lengths.max())).float()
+    assert torch.isfinite(fast).all()
+    assert float(fast[total:].abs().max()) == 0.0  # padding rows see no key
+    row_error = (fast[:total] - reference).abs().amax(dim=(1, 2))
+    assert float(row_error.max()) < 0.05

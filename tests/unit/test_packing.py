@@ -120,3 +120,38 @@ def test_ungrouped_sequences_get_one_segment_per_run():
     batch = build_packed_batch(sequences, 2, torch.device("cpu"))
     assert [(s.slot, s.token_start, s.token_end) for s in batch.adapter_segments] == [(1, 0, 5), (0, 5, 6), (1, 6, 10)]
     assert batch.position_ids.tolist() == [2, 3, 2, 3, 4, 2, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("graph_capacity", [False, True])
+def test_query_tiles_cover_the_stream_and_give_long_sequences_their_own(seed, graph_capacity):
+    """`query_tile_starts`: tiles of at most BLOCK_M tokens that cover [0, rows) in order; without a
+    bound, every sequence of BLOCK_M tokens or more starts and ends at tile boundaries (so its tiles
+    hold no other sequence); with a CUDA graph's bound the table never outgrows it."""
+    from loraembed.packed_attention_triton import BLOCK_M, query_tile_capacity, query_tile_starts
+
+    rng = np.random.default_rng(seed)
+    high = [20, 300, 600][seed % 3]
+    lengths = rng.integers(1, high, size=int(rng.integers(1, 200)))
+    cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
+    rows = int(cu_seqlens[-1]) + int(rng.integers(0, 200)) * graph_capacity  # padding rows in a graph
+    capacity = query_tile_capacity(rows) if graph_capacity else None
+    starts = query_tile_starts(cu_seqlens, rows, capacity)
+    assert starts[0] == 0 and starts[-1] == rows
+    assert np.all(np.diff(starts) > 0) and np.all(np.diff(starts) <= BLOCK_M)
+    if capacity is not None:
+        assert len(starts) - 1 <= capacity
+    else:
+        long = lengths >= BLOCK_M
+        assert set(cu_seqlens[:-1][long]) <= set(starts) and set(cu_seqlens[1:][long]) <= set(starts)
+        assert len(starts) - 1 <= np.ceil(rows / BLOCK_M) + 2 * np.count_nonzero(long)
+
+
+def test_a_packed_batch_carries_its_query_tiles():
+    from loraembed.packed_attention_triton import query_tile_starts
+
+    sequences = random_sequences(7, 40, max_length=150)
+    batch = build_packed_batch(sequences, 2, torch.device("cpu"))
+    cu_seqlens = batch.cu_seqlens.numpy()
+    np.testing.assert_array_equal(batch.query_tile_starts.numpy(), query_tile_starts(cu_seqlens, int(cu_seqlens[-1])))
+    assert batch.query_tile_starts.dtype == torch.int64
