@@ -18,14 +18,15 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "backend_src"), str(Path(__file__).parent)]
 from encoder_bench import draw_lengths  # noqa: E402  the same length distributions
 
-from loraembed.packed_attention_triton import BLOCK_M, BLOCK_N, query_tile_capacity, query_tile_starts  # noqa: E402
-from loraembed.packing import plan_row_batches  # noqa: E402
+from loraembed.packed_attention_triton import (  # noqa: E402
+    BLOCK_M, BLOCK_N, plain_query_tile_starts, query_tile_capacity, query_tile_starts,
+)
+from loraembed.packing import offsets, plan_row_batches  # noqa: E402
 
 
-def key_blocks(lengths: np.ndarray, starts: np.ndarray) -> tuple[int, int, int]:
+def key_blocks(cu_seqlens: np.ndarray, starts: np.ndarray) -> tuple[int, int, int]:
     """(tiles, masked key blocks, unmasked key blocks) the kernel visits for one batch."""
-    cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
-    sequence = np.repeat(np.arange(len(lengths)), lengths)
+    sequence = np.repeat(np.arange(len(cu_seqlens) - 1), np.diff(cu_seqlens))
     tiles = masked = unmasked = 0
     for start, end in zip(starts[:-1], starts[1:]):
         if start >= min(end, cu_seqlens[-1]):
@@ -52,7 +53,7 @@ def main() -> None:
         batches = [lengths[rows] for rows in plan_row_batches(lengths, np.zeros_like(lengths), args.max_batch_tokens)]
         ideal = sum(float((batch.astype(np.float64) ** 2).sum()) for batch in batches) / (BLOCK_M * BLOCK_N)
         tilings = {
-            "plain": lambda cu, rows: np.append(np.arange(0, rows, BLOCK_M), rows),
+            "plain": lambda cu, rows: plain_query_tile_starts(rows),
             "table": lambda cu, rows: query_tile_starts(cu, rows),
             "table, graph bucket of 16,384 rows": lambda cu, rows: query_tile_starts(
                 cu, args.max_batch_tokens, query_tile_capacity(args.max_batch_tokens)),
@@ -60,8 +61,8 @@ def main() -> None:
         for name, tiling in tilings.items():
             totals = np.zeros(3, dtype=np.int64)
             for batch in batches:
-                cu_seqlens = np.concatenate([[0], np.cumsum(batch)])
-                totals += key_blocks(batch, tiling(cu_seqlens, int(cu_seqlens[-1])))
+                cu_seqlens = offsets(batch)
+                totals += key_blocks(cu_seqlens, tiling(cu_seqlens, int(cu_seqlens[-1])))
             tiles, masked, unmasked = totals.tolist()
             print(f"| {workload} | {name} | {tiles:,} | {masked:,} | {unmasked:,} | {masked + unmasked:,} | {ideal:,.0f} |")
 

@@ -41,7 +41,7 @@ import torch
 from .encoder import PackedEncoder
 from .lora.lora_gemm_triton import MAX_RUNS, TILE_ROWS, max_runs_bound, tile_slot_table
 from .lora.sgmv_triton import lora_batch_table_arrays, max_lora_blocks
-from .packed_attention_triton import query_tile_capacity, query_tile_starts
+from .packed_attention_triton import plain_query_tile_starts, query_tile_capacity, query_tile_starts
 from .packing import HostPackedArrays, PackedBatch, adapter_segments
 from .pooling import pool
 
@@ -273,7 +273,7 @@ class GraphedForward:
             query_tile_starts=device_input[layout["query_tile_starts"]],
         )
         batch.position_ids.fill_(self.position_offset)  # valid positions for the warm-up runs
-        plain_tiles = torch.from_numpy(query_tile_starts(np.zeros(1, dtype=np.int64), tokens))  # and valid tiles
+        plain_tiles = torch.from_numpy(plain_query_tile_starts(tokens))  # and valid tiles
         batch.query_tile_starts.fill_(tokens)[: len(plain_tiles)].copy_(plain_tiles)
 
         if plan != BASE_PLAN:

@@ -54,6 +54,12 @@ def query_tile_capacity(total_tokens: int, block_m: int = BLOCK_M) -> int:
     return tiles + -(-tiles // EXTRA_TILE_SHARE)
 
 
+def plain_query_tile_starts(total_tokens: int, block_m: int = BLOCK_M) -> np.ndarray:
+    """Tiles of block_m tokens from 0, as `query_tile_starts` gives them (the kernel's tiling without
+    a table)."""
+    return np.append(np.arange(0, total_tokens, block_m, dtype=np.int64), total_tokens)
+
+
 def _cut_into_tiles(cuts: np.ndarray, block_m: int) -> np.ndarray:
     """Tile starts: each stretch [cuts[i], cuts[i+1]) cut into tiles of block_m from its start."""
     tiles = -(-np.diff(cuts) // block_m)  # per stretch
@@ -83,7 +89,7 @@ def query_tile_starts(
         if max_tiles is None or len(starts) <= max_tiles:
             return np.append(starts, total_tokens)
         threshold *= 2
-    return np.append(np.arange(0, total_tokens, block_m, dtype=np.int64), total_tokens)
+    return plain_query_tile_starts(total_tokens, block_m)
 
 
 if triton is not None:
