@@ -10,8 +10,9 @@ copied into the bucket's static tensors with one host-to-device copy:
   attention kernel reads them and no real row attends to them; their rows are computed and dropped;
 - sequences past the batch are empty (repeated `cu_seqlens`); the last one collects the padding
   tokens' pooling sums and is dropped.
-- `triton_packed` attention's query tile table covers the bucket's rows, padding included, in a
-  part of the staging buffer sized by `query_tile_capacity`; its unused tiles are empty.
+- `triton_packed` attention's query tile table (that backend's graphs only) covers the bucket's
+  rows, padding included, in a part of the staging buffer sized by `query_tile_capacity`; its
+  unused tiles are empty.
 
 At most MAX_GRAPHS graphs are kept; past that, a bucket seen for the second time evicts the least
 recently replayed graph (serving found the limit the hard way: mixed passage traffic filled it, and
@@ -179,8 +180,9 @@ class GraphedForward:
     def _layout(self, key: GraphKey) -> dict[str, slice]:
         """Where each input lies in a bucket's staging buffer (int64 elements)."""
         tokens, sequences, _, plan = key
-        sizes = {"input_ids": tokens, "position_ids": tokens, "sequence_index": tokens, "cu_seqlens": sequences + 1,
-                 "query_tile_starts": query_tile_capacity(tokens) + 1}
+        sizes = {"input_ids": tokens, "position_ids": tokens, "sequence_index": tokens, "cu_seqlens": sequences + 1}
+        if self.model.attention_backend == "triton_packed":  # its query tile table; other kernels tile by sequence
+            sizes.update(query_tile_starts=query_tile_capacity(tokens) + 1)
         if plan != BASE_PLAN:
             blocks = max_lora_blocks(tokens, self._segment_capacity(sequences))
             sizes.update(merged_slot=1, block_table=3 * blocks, token_slots=tokens)
@@ -220,9 +222,10 @@ class GraphedForward:
         fill("position_ids", host.position_ids, self.position_offset)
         fill("sequence_index", host.sequence_index, num_sequences - 1)  # padding tokens pool into the last
         fill("cu_seqlens", host.cu_seqlens, total)  # empty sequences
-        bucket_tokens = key[0]  # the graph's rows; the tiles cover its padding rows too
-        tile_starts = query_tile_starts(host.cu_seqlens, bucket_tokens, query_tile_capacity(bucket_tokens))
-        fill("query_tile_starts", tile_starts, bucket_tokens)  # unused tiles: empty
+        if "query_tile_starts" in layout:
+            bucket_tokens = key[0]  # the graph's rows; the tiles cover its padding rows too
+            tile_starts = query_tile_starts(host.cu_seqlens, bucket_tokens, query_tile_capacity(bucket_tokens))
+            fill("query_tile_starts", tile_starts, bucket_tokens)  # unused tiles: empty
         if plan == "merged":
             view[layout["merged_slot"]] = host.slots[0]
         elif plan != BASE_PLAN:
@@ -270,11 +273,12 @@ class GraphedForward:
             sequence_lengths=(0,) * num_sequences,
             adapter_segments=(),
             adapter_slots=torch.zeros(num_sequences, dtype=torch.int32, device=device),
-            query_tile_starts=device_input[layout["query_tile_starts"]],
+            query_tile_starts=device_input[layout["query_tile_starts"]] if "query_tile_starts" in layout else None,
         )
         batch.position_ids.fill_(self.position_offset)  # valid positions for the warm-up runs
-        plain_tiles = torch.from_numpy(plain_query_tile_starts(tokens))  # and valid tiles
-        batch.query_tile_starts.fill_(tokens)[: len(plain_tiles)].copy_(plain_tiles)
+        if batch.query_tile_starts is not None:  # and valid tiles
+            plain_tiles = torch.from_numpy(plain_query_tile_starts(tokens))
+            batch.query_tile_starts.fill_(tokens)[: len(plain_tiles)].copy_(plain_tiles)
 
         if plan != BASE_PLAN:
             tile_slots = int32["tile_slots"].view(-1, 1 + MAX_RUNS) if "tile_slots" in int32 else None

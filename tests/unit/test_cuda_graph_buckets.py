@@ -14,6 +14,7 @@ from loraembed.cuda_graphs import GraphedForward
 from loraembed.lora.layers import LoraLayers
 from loraembed.lora import lora_gemm_triton
 from loraembed.lora.sgmv_triton import BLOCK_T, lora_batch_table_arrays
+from loraembed.packed_attention_triton import query_tile_capacity, query_tile_starts
 from loraembed.packing import PackingRows, pack_rows
 
 
@@ -120,6 +121,17 @@ def test_the_staging_layout_holds_every_batch_of_its_bucket(lengths, slots, fuse
     if key[3] == "fused tables":  # the tile table over the bucket's tokens
         tiles = lora_gemm_triton.tile_slot_table(cuda_graphs.adapter_segments(host.slots, host.cu_seqlens), key[0])
         assert tiles.size == layout["tile_slots"].stop - layout["tile_slots"].start
+    # triton_packed attention's query tiles over the bucket's rows, padding rows included
+    query_tiles = query_tile_starts(host.cu_seqlens, key[0], query_tile_capacity(key[0]))
+    assert query_tiles[-1] == key[0]
+    assert len(query_tiles) <= layout["query_tile_starts"].stop - layout["query_tile_starts"].start
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
+def test_only_triton_packed_graphs_stage_a_query_tile_table(backend):
+    """The other attention kernels tile by sequence: their graphs neither stage nor fill the table."""
+    forward = graphed(backend)
+    assert "query_tile_starts" not in forward._layout(forward.bucket(host_batch([200, 5, 64], [0, 0, 0])))
 
 
 def test_when_full_a_bucket_is_graphed_from_its_second_sighting(monkeypatch):
