@@ -247,6 +247,12 @@ while IFS=$'\t' read -r _ served _ _; do
 done <<<"$plan"
 say "perf_analyzer: $levels_total runs of 3 x $window_ms ms, about $((levels_total * (3 * window_ms + 1000) / 1000)) s" \
     "(+ warm-ups); levels that would end after ${budget_s} s from the start are skipped"
+scrape_metrics() {  # FILE: the server's loraembed_* metrics now (serve_report.py reports each run's increments)
+    "$stub_python" -c 'import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+open(sys.argv[2], "w").write("".join(line + "\n" for line in text.splitlines() if line.startswith("loraembed_")))' \
+        "http://127.0.0.1:$metrics/metrics" "$1" 2>>"$out/serve_bench.log" || true
+}
 measure() {  # NAME MODEL BATCH INPUTS CONCURRENCY WINDOW_MS OUTPUT_PREFIX
     perf_analyzer -m "$2" -i grpc -u "127.0.0.1:$grpc" -b "$3" --input-data "$4" --concurrency-range "$5:$5" \
         --measurement-interval "$6" --stability-percentage 999 --max-trials 3 -f "$7.csv" --verbose-csv >"$7.log" 2>&1
@@ -266,7 +272,10 @@ while IFS=$'\t' read -r name served batch inputs; do
             continue
         fi
         status=0
+        scrape_metrics "$raw/$name-c$c.metrics-before"
         measure "$name" "$served" "$batch" "$raw/inputs/$inputs" "$c" "$window_ms" "$raw/$name-c$c" || status=$?
+        sleep 0.1  # the encoder publishes its metrics ~10 ms after a batch
+        scrape_metrics "$raw/$name-c$c.metrics-after"
         printf '%s\t%s\t%s\n' "$name" "$c" "$status" >>"$raw/runs.tsv"
         say "$name c=$c: $(grep -m1 -o 'Throughput: [0-9.]* infer/sec' "$raw/$name-c$c.log" || echo "perf_analyzer failed ($status)")"
     done

@@ -5,7 +5,9 @@
 
 RAW is serve_bench.sh's raw folder: runs.tsv (scenario, concurrency, perf_analyzer's exit status),
 SCENARIO-cN.csv (perf_analyzer -f --verbose-csv) and SCENARIO-cN.log (its output) per run,
-inputs/*_stats.json (tokens per text), inprocess.json (serve_bench_setup.py inprocess), server.log.
+inputs/*_stats.json (tokens per text), inprocess.json (serve_bench_setup.py inprocess), server.log,
+and SCENARIO-cN.metrics-before / -after: the encoder's `loraembed_*` metrics scraped around the run
+(forward passes, the share of them replayed as CUDA graphs, captures, evictions).
 
 perf_analyzer 2.41's CSV has the client's throughput and latency percentiles and, for an ensemble,
 only the ensemble's own server times; each composing model's queue, compute and overhead times are
@@ -41,6 +43,34 @@ SCENARIOS = {
 TOKENIZER_VARIANT = re.compile(r"tokenizer(\d+)-passages")  # tokenizer8-passages: a copy with 8 instances
 MODELS = ("tokenizer", "encoder")
 TIMES = ("queue", "compute_input", "compute_infer", "compute_output", "overhead")
+# The encoder's metrics (README, Metrics) reported per run, summed over its instances: row key -> metric.
+GRAPH_METRICS = {
+    "forward_passes": "loraembed_forward_passes_total",
+    "graphed_passes": "loraembed_forward_passes_graphed_total",
+    "graph_captures": "loraembed_cuda_graph_captures_total",
+    "graph_evictions": "loraembed_cuda_graph_evictions_total",
+}
+
+
+def metric_sums(text: str) -> dict[str, float]:
+    """Prometheus text -> the value of each `loraembed_*` metric without an adapter label, summed over
+    the encoder's instances."""
+    sums: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(loraembed_\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        if "adapter=" not in labels:
+            sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
+
+
+def metrics_of_run(raw: Path, name: str, concurrency: int) -> dict:
+    """What the encoder counted during one run: GRAPH_METRICS' increments; {} without both scrapes."""
+    files = [raw / f"{name}-c{concurrency}.metrics-{when}" for when in ("before", "after")]
+    if not all(file.is_file() for file in files):
+        return {}
+    before, after = (metric_sums(file.read_text()) for file in files)
+    if GRAPH_METRICS["forward_passes"] not in after:
+        return {}
+    return {key: int(after.get(metric, 0) - before.get(metric, 0)) for key, metric in GRAPH_METRICS.items()}
 
 
 def scenario(name: str) -> tuple:
@@ -143,6 +173,7 @@ def collect(raw: Path) -> tuple[list[dict], dict]:
         else:
             reference_tokens = reference.get(inprocess_key)
             row["share_of_inprocess"] = row["tokens_per_s"] / reference_tokens if reference_tokens else math.nan
+        row.update(metrics_of_run(raw, name, concurrency))
         per_model = parse_log((raw / f"{name}-c{concurrency}.log").read_text(), model)
         for part_model, values_ms in per_model.items():
             prefix = "tokenizer" if part_model.startswith("tokenizer") else part_model
@@ -265,6 +296,12 @@ def markdown(rows: list[dict], extra: dict, meta: dict) -> str:
             lines.append(f"| {row['concurrency']} | {row['requests_per_s']:,.0f} | {row['texts_per_s']:,.0f} |"
                          f" {row['tokens_per_s'] / 1e6:.3f}M | {fmt(row['share_of_inprocess'], '.0%')} |"
                          f" {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {model_cell(row, 'tokenizer')} | {model_cell(row, 'encoder')} |")
+        counted = [row for row in rows if row["scenario"] == name and row.get("forward_passes")]
+        if counted:
+            lines += ["", "Encoder forward passes during each perf_analyzer run (the metrics port, all instances): " + "; ".join(
+                f"c={row['concurrency']}: {row['forward_passes']:,}, {row['graphed_passes'] / row['forward_passes']:.1%}"
+                f" replayed as CUDA graphs, {row['graph_captures']} captures, {row['graph_evictions']} evictions"
+                for row in counted) + "."]
         lines.append("")
     lines.append("Share of in-process: tokens/s against the in-process embed() on the same ids (for the tokenizer"
                  " alone: passages/s against one in-process TextTokenizer).")

@@ -102,7 +102,9 @@ class GraphedForward:
         self.max_tokens = max_tokens
         self.max_seqlen = max_seqlen
         self.graphs: OrderedDict[GraphKey, _CapturedGraph] = OrderedDict()  # oldest replay first
-        self.evictions = 0
+        # Counted for the serving metrics (`EmbeddingEngine.metrics_snapshot`): batches replayed,
+        # graphs captured, graphs evicted to make room.
+        self.replays = self.captures = self.evictions = 0
         self._sightings: dict[GraphKey, int] = {}  # buckets seen while the cache was full
         self.stream = torch.cuda.Stream()
         # One memory pool for all graphs: they replay one at a time on one stream, and each
@@ -240,6 +242,7 @@ class GraphedForward:
         captured.device_input.copy_(captured.host_inputs[turn], non_blocking=True)
         captured.copied[turn].record()
         captured.graph.replay()
+        self.replays += 1
         return captured.pooled[:num_rows]
 
     def _evict_least_recent(self) -> None:
@@ -310,5 +313,6 @@ class GraphedForward:
             event.record()
         captured = _CapturedGraph(graph, host_inputs, events, device_input, pooled, layout, (batch, int32))
         self.graphs[key] = captured
+        self.captures += 1
         return captured
 

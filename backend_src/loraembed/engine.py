@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -209,6 +209,17 @@ class EmbeddingEngine:
         return (
             f"model={self.settings.model_path} device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
             f"attention={self.attention_backend} activation={self.model.config.hidden_act} pooling={self.settings.pooling} max_seq_len={self.settings.max_seq_len}"
+        )
+
+    def metrics_snapshot(self) -> AdapterMetrics:
+        """What the serving metrics publish: the adapter registry's counters and the CUDA graphs'."""
+        snapshot = self.adapters.snapshot()
+        graphed = self.graphed
+        if graphed is None:
+            return snapshot
+        return replace(
+            snapshot, graph_replays=graphed.replays, graph_captures=graphed.captures,
+            graph_evictions=graphed.evictions, graphs_resident=len(graphed.graphs),
         )
 
     @property

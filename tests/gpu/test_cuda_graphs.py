@@ -75,6 +75,10 @@ def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folde
     # C ran eagerly the first time, and evicted B (never replayed) the second.
     assert graphed.graphed.evictions == 1
     assert [key[0] for key in graphed.graphed.graphs] == [6144, 64]  # least recently replayed first
+    # The serving metrics count the same: 7 of 8 passes replayed, A B C captured, B evicted, A C kept.
+    metrics = graphed.metrics_snapshot()
+    assert (metrics.forward_passes, metrics.graph_replays, metrics.graph_captures) == (8, 7, 3)
+    assert (metrics.graph_evictions, metrics.graphs_resident) == (1, 2)
 
 
 def test_a_capture_after_every_graph_was_evicted_equals_the_eager_forward(xlmr_base_folder, monkeypatch):

@@ -1,10 +1,13 @@
 """On a GPU host with tritonserver (scripts/gpu_host_env.sh): the `embed` ensemble answers with a
-KIND_GPU encoder (KIND_AUTO picks it), bf16, and matches fp32 `transformers` (cosine >= 0.999)."""
+KIND_GPU encoder (KIND_AUTO picks it), bf16, and matches fp32 `transformers` (cosine >= 0.999); its
+forward passes replay CUDA graphs, as the metrics port counts them."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -76,3 +79,34 @@ def test_ensemble_answers_with_a_gpu_encoder(gpu_server, xlmr_base_folder):
     print(f"GPU server vs fp32 transformers: min cosine {cosine.min():.6f}")
     assert cosine.min() >= 0.999
     assert "device=cuda:0 dtype=bfloat16" in gpu_server.log_text()  # dtype auto: bf16 on the GPU
+
+
+def _metric_sums(url: str) -> dict[str, float]:
+    """Our metrics without an adapter label, summed over the encoder's instances."""
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(loraembed_\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        if "adapter=" not in labels:
+            sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
+
+
+def test_gpu_forward_passes_replay_cuda_graphs_and_are_counted(gpu_server):
+    """Batches within cuda_graph_max_tokens (16,384 by default) replay a graph, from the first one
+    of a bucket on (a capture, then its replay, while fewer than 32 graphs are kept)."""
+    before = _metric_sums(gpu_server.metrics_url)
+    texts = ["a short query", "a longer passage about the weather in the mountains " * 8]
+    for _ in range(3):
+        _infer_http(gpu_server.http_url, texts)
+    deadline = time.monotonic() + 10  # the encoder publishes from a thread ~10 ms after a batch
+    while True:
+        after = _metric_sums(gpu_server.metrics_url)
+        passes = after["loraembed_forward_passes_total"] - before["loraembed_forward_passes_total"]
+        graphed = after["loraembed_forward_passes_graphed_total"] - before["loraembed_forward_passes_graphed_total"]
+        if (passes >= 3 and graphed >= passes) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert passes >= 3 and graphed == passes, (passes, graphed)
+    assert after["loraembed_cuda_graph_captures_total"] >= 1
+    assert after["loraembed_cuda_graphs_resident"] == after["loraembed_cuda_graph_captures_total"]  # none evicted

@@ -211,6 +211,9 @@ def test_concurrent_tenants_beyond_the_slots_are_evicted_and_counted(server, ada
     passes, tokens = grew("loraembed_forward_passes_total"), grew("loraembed_forward_tokens_total")
     assert 0 < passes <= 40 and tokens == total_tokens
     assert ("loraembed_adapter_texts_total", "(base)") in after  # "" is labelled "(base)"
+    # The CUDA-graph metrics are published from the start; on the CPU every pass runs eagerly.
+    assert after["loraembed_forward_passes_graphed_total", None] == 0
+    assert after["loraembed_cuda_graph_captures_total", None] == after["loraembed_cuda_graphs_resident", None] == 0
 
 
 NOT_A_PATH = "is not valid: adapter ids are names, not paths (A-Z a-z 0-9 . _ - only; org/name[@revision] for a hub adapter)"

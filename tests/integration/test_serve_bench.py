@@ -117,6 +117,8 @@ def test_table_numbers_are_perf_analyzers(bench):
             assert float(row[f"{model}_compute_infer_ms"]) == infer_us / 1000
             assert float(row[f"{model}_compute_ms"]) >= infer_us / 1000
         assert not row.get("encoder_queue_ms") if served.startswith("tokenizer") else row["encoder_queue_ms"]
+        if not served.startswith("tokenizer"):  # the encoder's own count of the run's forward passes (metrics port)
+            assert int(row["forward_passes"]) > 0 and int(row["graphed_passes"]) == 0, row  # the CPU: all eager
         share = float(row["share_of_inprocess"])
         assert 0 < share < 100
         assert f"| {row['concurrency']} | {float(row['requests_per_s']):,.0f} | {texts_per_s:,.0f} |" in report

@@ -59,7 +59,7 @@ def test_names_follow_prometheus_conventions():
 
 def test_first_publication_sends_totals_and_every_gauge():
     current = _snapshot({"": (1, 3, 30), "tenant": (2, 2, 12)}, loads=1, load_seconds=0.25, resident=1, capacity=4,
-                        forward_passes=2, forward_tokens=42)
+                        forward_passes=2, forward_tokens=42, graph_replays=1, graph_captures=1, graphs_resident=1)
     assert set(metric_updates(None, current)) == {
         MetricUpdate("loraembed_adapter_requests_total", "(base)", 1),
         MetricUpdate("loraembed_adapter_requests_total", "tenant", 2),
@@ -73,6 +73,9 @@ def test_first_publication_sends_totals_and_every_gauge():
         MetricUpdate("loraembed_adapter_slots", None, 4),
         MetricUpdate("loraembed_forward_passes_total", None, 2),
         MetricUpdate("loraembed_forward_tokens_total", None, 42),
+        MetricUpdate("loraembed_forward_passes_graphed_total", None, 1),
+        MetricUpdate("loraembed_cuda_graph_captures_total", None, 1),
+        MetricUpdate("loraembed_cuda_graphs_resident", None, 1),
     }
 
 
@@ -127,16 +130,18 @@ def test_publisher_accumulates_totals_on_labelled_metrics():
     assert value("loraembed_adapter_evictions_total") == 0  # shown from the start, never changed
     # One metric object per (family, adapter); the unchanged last snapshot made no calls.
     assert len(families["loraembed_adapter_texts_total"].metrics) == 3
-    assert sum(m.calls for family in families.values() for m in family.metrics) == 5 + 6 + 9
+    # The first publication: 3 counters of the base model and all 3 gauges.
+    assert sum(m.calls for family in families.values() for m in family.metrics) == 6 + 6 + 9
     publisher.close()
 
 
 def test_engine_counts_forward_passes_and_their_tokens(make_engine, minilm_path):
     engine = make_engine(minilm_path, max_batch_tokens=256, max_seq_len=128)
-    before = engine.adapters.snapshot()
+    before = engine.metrics_snapshot()
     ids = np.full((5, 100), 1000, dtype=np.int64)  # 500 tokens: two passes within 256 tokens each
     [result] = engine.embed([EncoderRequest(ids, np.ones_like(ids))])
-    after = engine.adapters.snapshot()
+    after = engine.metrics_snapshot()
+    assert (after.graph_replays, after.graph_captures, after.graphs_resident) == (0, 0, 0)  # the CPU: all eager
     assert not isinstance(result, Exception)
     assert after.forward_passes - before.forward_passes == 3  # 2 + 2 + 1 sequences of 100 tokens
     assert after.forward_tokens - before.forward_tokens == 500

@@ -151,6 +151,37 @@ def test_report_writes_the_tables(raw, tmp_path, capsys, monkeypatch):
     assert rows[0].startswith("scenario,model,batch,concurrency,status") and len(rows) == 1 + 11
 
 
+def _metrics_text(passes: tuple[int, int], graphed: tuple[int, int], captures: tuple[int, int], evictions: int) -> str:
+    """The encoder's metrics as Triton serves them: two instances, an adapter-labelled series, Triton's own."""
+    lines = ['nv_inference_count{model="encoder",version="1"} 999']
+    for instance in (0, 1):
+        labels = f'instance="encoder_0_{instance}",model="encoder"'
+        lines += [f"loraembed_forward_passes_total{{{labels}}} {passes[instance]}",
+                  f"loraembed_forward_passes_graphed_total{{{labels}}} {graphed[instance]}",
+                  f"loraembed_cuda_graph_captures_total{{{labels}}} {captures[instance]}",
+                  f"loraembed_cuda_graph_evictions_total{{{labels}}} {evictions if instance else 0}",
+                  f'loraembed_adapter_texts_total{{adapter="a",{labels}}} 12345']
+    return "\n".join(lines) + "\n"
+
+
+def test_each_run_reports_the_encoders_graph_replays(raw, tmp_path, monkeypatch):
+    """The metrics scraped around a run become its forward passes, the share replayed as CUDA graphs,
+    captures and evictions, summed over the instances; runs without scrapes report none."""
+    (raw / "embed-mixed-c8.metrics-before").write_text(_metrics_text((100, 50), (90, 50), (3, 2), 0))
+    (raw / "embed-mixed-c8.metrics-after").write_text(_metrics_text((300, 250), (280, 230), (5, 2), 1))
+    rows, _ = serve_report.collect(raw)
+    mixed = next(r for r in rows if r["scenario"] == "embed-mixed" and r["concurrency"] == 8)
+    assert (mixed["forward_passes"], mixed["graphed_passes"], mixed["graph_captures"], mixed["graph_evictions"]) == (
+        400, 370, 2, 1)
+    assert "forward_passes" not in next(r for r in rows if r["scenario"] == "embed-passages")
+    monkeypatch.setattr(sys, "argv", ["serve_report.py", "report", str(raw), "--out-dir", str(tmp_path / "out")])
+    serve_report.main()
+    text = (tmp_path / "out" / "RESULTS-serve.md").read_text()
+    assert ("Encoder forward passes during each perf_analyzer run (the metrics port, all instances): c=8: 400, 92.5%"
+            " replayed as CUDA graphs, 2 captures, 1 evictions.") in text
+    assert text.count("Encoder forward passes during") == 1
+
+
 def test_scenarios_lists_what_to_run(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["serve_report.py", "scenarios", "embed-passages,encoder-queries,tokenizer4-passages"])
     serve_report.main()

@@ -1,6 +1,7 @@
 """Adapter counters, and their publication as Prometheus-style metrics (no Triton here).
 
-The registries count into `AdapterCounters`; `AdapterMetrics` is a snapshot of them;
+The registries count into `AdapterCounters`; `AdapterMetrics` is a snapshot of them (plus the
+engine's CUDA-graph counts, `EmbeddingEngine.metrics_snapshot`);
 `AdapterMetricsPublisher` turns the difference between two snapshots into increments and gauge
 values on metric families that `model.py` creates with `pb_utils.MetricFamily`.
 """
@@ -37,6 +38,12 @@ class AdapterMetrics:
     capacity: int = 0  # gauge: device slots for adapters (max_adapters; 0 when none are served)
     forward_passes: int = 0  # encoder forward passes (packed batches) run
     forward_tokens: int = 0  # tokens in those forward passes, all adapters together
+    # CUDA graphs (`cuda_graphs.GraphedForward`; all 0 on the CPU): forward passes that were replays
+    # (the others ran eagerly, launch by launch), captures, evictions, and graphs kept now (gauge).
+    graph_replays: int = 0
+    graph_captures: int = 0
+    graph_evictions: int = 0
+    graphs_resident: int = 0
 
 
 class AdapterCounters:
@@ -125,6 +132,14 @@ METRIC_DEFINITIONS = (
                      "Encoder forward passes (packed batches) run", "forward_passes"),
     MetricDefinition("loraembed_forward_tokens_total", COUNTER,
                      "Tokens in those forward passes; per pass: the ratio of the two rates", "forward_tokens"),
+    MetricDefinition("loraembed_forward_passes_graphed_total", COUNTER,
+                     "Forward passes run as CUDA graph replays; the rest of loraembed_forward_passes_total ran "
+                     "eagerly (slower where the host sets the pace)", "graph_replays"),
+    MetricDefinition("loraembed_cuda_graph_captures_total", COUNTER,
+                     "CUDA graphs captured, one per new batch bucket (each costs a capture's time once)", "graph_captures"),
+    MetricDefinition("loraembed_cuda_graph_evictions_total", COUNTER,
+                     "CUDA graphs dropped to make room for another bucket's", "graph_evictions"),
+    MetricDefinition("loraembed_cuda_graphs_resident", GAUGE, "CUDA graphs kept now", "graphs_resident"),
 )
 
 

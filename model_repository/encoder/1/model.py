@@ -1,6 +1,6 @@
 """Triton Python model `encoder`: INPUT_IDS, ATTENTION_MASK (+ optional ADAPTER_ID) -> EMBEDDING.
 Thin: validation, packing, LoRA and the forward pass are loraembed.engine.EmbeddingEngine; the
-adapter metrics it publishes are loraembed.lora.metrics."""
+metrics it publishes (adapters, forward passes, CUDA graphs) are loraembed.lora.metrics."""
 
 import json
 import threading
@@ -52,7 +52,7 @@ class TritonPythonModel:
         self.engine = EmbeddingEngine(serving, device)
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics = AdapterMetricsPublisher(_metric_family, labels)
-        self.metrics.publish(self.engine.adapters.snapshot())  # adapter_preload's loads, the gauges
+        self.metrics.publish(self.engine.metrics_snapshot())  # adapter_preload's loads, the gauges
         # Later snapshots are published by a thread, off the request path: each metric update is a
         # round trip to the server (5 per batch: 86 us each, 430 us of a 1.4 ms single-query execute
         # on a 2-core CPU). It publishes the latest snapshot within ~10 ms of a batch; batches that
@@ -91,10 +91,10 @@ class TritonPythonModel:
             else:
                 responses[index] = _error_response(str(result), "INTERNAL")
         try:
-            self._snapshot = self.engine.adapters.snapshot()
+            self._snapshot = self.engine.metrics_snapshot()
             self._snapshot_ready.set()
         except Exception as error:  # metrics must never fail requests that were served
-            pb_utils.Logger.log_error(f"loraembed encoder: reading the adapter metrics failed: {error}")
+            pb_utils.Logger.log_error(f"loraembed encoder: reading the metrics failed: {error}")
         return responses
 
     def _publish_metrics(self):
