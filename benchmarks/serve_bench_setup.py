@@ -234,7 +234,8 @@ def inprocess(args) -> None:
         tokens = int(sum(len(s) for s in sequences))
         results["rows"].append(dict(workload=name, texts=len(sequences), tokens=tokens,
                                     engine_tokens_per_s=tokens / timing["engine_s"],
-                                    forward_tokens_per_s=tokens / timing["forward_s"]))
+                                    forward_tokens_per_s=tokens / timing["forward_s"],
+                                    graphs_tokens_per_s=tokens / timing["graphs_s"] if timing["graphs_s"] else None))
         print(f"serve_bench_setup: in-process {name}: {tokens / timing['engine_s'] / 1e6:.3f}M tokens/s", file=sys.stderr)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -272,14 +272,16 @@ def markdown(rows: list[dict], extra: dict, meta: dict) -> str:
     lines += ["", "## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {target} | {measured} | {verdict} |" for target, measured, verdict in targets(rows, inprocess)]
     lines += ["", "## In-process (EmbeddingEngine.embed on the same token ids, requests of 32 rows)", "",
-              "| workload | texts | tokens | embed() tokens/s | forward only tokens/s |", "|---|---:|---:|---:|---:|"]
+              "| workload | texts | tokens | embed() tokens/s | forward only, eager tokens/s | forward as CUDA graphs tokens/s |",
+              "|---|---:|---:|---:|---:|---:|"]
     for row in inprocess.get("rows", []):
+        graphs = row.get("graphs_tokens_per_s")  # none on the CPU
         lines.append(f"| {row['workload']} | {row['texts']} | {row['tokens']:,} | {row['engine_tokens_per_s'] / 1e6:.3f}M |"
-                     f" {row['forward_tokens_per_s'] / 1e6:.3f}M |")
+                     f" {row['forward_tokens_per_s'] / 1e6:.3f}M | {f'{graphs / 1e6:.3f}M' if graphs else '–'} |")
     if inprocess.get("tokenizer"):
         one_call = inprocess["tokenizer"].get("texts_per_s_one_call")
         lines.append(f"| tokenizer alone (TextTokenizer, one call per 32 passages; all in one call) | | | "
-                     f"{inprocess['tokenizer']['texts_per_s']:,.0f} passages/s | {fmt(one_call, ',.0f')} passages/s |")
+                     f"{inprocess['tokenizer']['texts_per_s']:,.0f} passages/s | {fmt(one_call, ',.0f')} passages/s | |")
     lines += ["", "## Through the server", "",
               "Per model: queue / compute / overhead in ms, per request as Triton counts it (a batched execution's"
               " compute counts for each of its requests), and in brackets requests per execution.", ""]

@@ -76,7 +76,8 @@ def raw(tmp_path):
             dict(texts=64, tokens=int(64 * mean), mean_tokens=mean, median_tokens=mean, max_tokens=200, padded_to=200)))
     (raw / "inprocess.json").write_text(json.dumps(dict(engine="model=m device=cuda", rows=[
         dict(workload="passages", texts=64, tokens=6400, engine_tokens_per_s=2e6, forward_tokens_per_s=2.2e6),
-        dict(workload="passages, mixed adapters", texts=64, tokens=6400, engine_tokens_per_s=1.5e6, forward_tokens_per_s=1.6e6),
+        dict(workload="passages, mixed adapters", texts=64, tokens=6400, engine_tokens_per_s=1.5e6, forward_tokens_per_s=1.6e6,
+             graphs_tokens_per_s=1.75e6),
         dict(workload="queries", texts=64, tokens=1024, engine_tokens_per_s=1e6, forward_tokens_per_s=1.1e6)],
         tokenizer=dict(texts_per_s=10000.0))))
     runs = []
@@ -147,6 +148,8 @@ def test_report_writes_the_tables(raw, tmp_path, capsys, monkeypatch):
     assert "Test GPU" in text and "tritonserver 2.51.0" in text and "Server's encoder: `model=m device=cuda:0`" in text
     assert "| 8 | 500 | 16,000 | 1.600M | 80% | 80.0 | 160.0 |" in text
     assert "| 64 | skipped: time budget |" in text
+    assert "| passages, mixed adapters | 64 | 6,400 | 1.500M | 1.600M | 1.750M |" in text  # CUDA graphs measured
+    assert "| passages | 64 | 6,400 | 2.000M | 2.200M | – |" in text  # not measured (the CPU)
     rows = (tmp_path / "out" / "serve_bench.csv").read_text().splitlines()
     assert rows[0].startswith("scenario,model,batch,concurrency,status") and len(rows) == 1 + 11
 
