@@ -156,6 +156,9 @@ class ServingConfig:
     # in the intermediate GEMM's epilogue instead of a separate pass; "auto": tanh in bfloat16 on a
     # GPU, where bfloat16's rounding hides the difference (README), exact elsewhere; "none": exact.
     gelu_approximation: str = "auto"
+    # Run each kind of batch once before the model reports ready (EmbeddingEngine.warm_up): "auto"
+    # on a GPU (kernel compilation, CUDA graph capture), "false" on a CPU; "true" / "false" force it.
+    warmup: str = "auto"
 
     ENV_PREFIX = "LORAEMBED_"
 
@@ -201,6 +204,7 @@ class ServingConfig:
             "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
             "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
             "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("auto", "none", "tanh")),
+            "warmup": lambda v: "auto" if str(v).strip().lower() == "auto" else str(_parse_bool("warmup", v)).lower(),
         }
         values = {}
         problems = []

@@ -177,6 +177,12 @@ def resolve_gelu_approximation(name: str, device: torch.device, dtype: torch.dty
     return name
 
 
+def resolve_warmup(name: str, device: torch.device) -> bool:
+    """"auto": warm up on CUDA, where the first batches would otherwise compile kernels and capture
+    graphs; not on a CPU, where there is nothing to compile."""
+    return device.type == "cuda" if name == "auto" else name == "true"
+
+
 class EmbeddingEngine:
     def __init__(self, serving: ServingConfig, device: torch.device | str = "cpu"):
         self.serving = serving
@@ -210,6 +216,64 @@ class EmbeddingEngine:
             f"model={self.settings.model_path} device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
             f"attention={self.attention_backend} activation={self.model.config.hidden_act} pooling={self.settings.pooling} max_seq_len={self.settings.max_seq_len}"
         )
+
+    @property
+    def warmup_enabled(self) -> bool:
+        """Whether the server should call `warm_up` before it reports ready (the `warmup` parameter)."""
+        return resolve_warmup(self.serving.warmup, self.device)
+
+    def warm_up(self) -> float:
+        """Embed one batch of each kind the server will see, so that the first requests do not pay
+        for what a first batch costs: Triton compiles each kernel on its first call (seconds each with
+        a cold cache), cuBLAS picks its algorithms, and a CUDA graph is captured per new bucket. The
+        batches: one 16-token query, and a full batch of 144-token passages (the largest bucket the
+        passage traffic of `max_batch_tokens` meets); with adapters resident (`adapter_preload`), the
+        same full batch split between two of them (the segmented LoRA kernels, the GEMMs with the
+        expand in their epilogue), two queries of two adapters, and one query of one adapter (merged
+        per linear). The counts the metrics publish start after it; the graphs it captured stay, and
+        so does their count. Raises RuntimeError if a batch fails: better at start than on requests.
+        Returns the seconds it took (also in `startup_seconds["warm-up"]`)."""
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        vocab_size = self.settings.encoder_config.vocab_size
+
+        def requests(lengths: list[int], adapter_ids: list[str] | None = None) -> list[EncoderRequest]:
+            """Rows of these lengths (and adapters), in requests of at most max_texts_per_request rows."""
+            step = self.serving.max_texts_per_request
+            batch = []
+            for start in range(0, len(lengths), step):
+                part = lengths[start : start + step]
+                width = max(part)
+                mask = (np.arange(width)[None, :] < np.array(part)[:, None]).astype(np.int64)
+                ids = rng.integers(min(5, vocab_size - 1), vocab_size, (len(part), width)) * mask
+                part_ids = None if adapter_ids is None else adapter_ids[start : start + step]
+                batch.append(EncoderRequest(ids, mask, part_ids, {"normalize": False}))
+            return batch
+
+        passage_length = min(144, self.settings.max_seq_len)
+        full_batch = [passage_length] * max(1, self.serving.max_batch_tokens // passage_length)
+        query = [min(16, self.settings.max_seq_len)]
+        batches = [requests(query), requests(full_batch)]
+        resident = list(getattr(self.adapters, "resident_adapters", list)())
+        if resident:
+            pair = (resident + [BASE_ADAPTER_ID])[:2]  # two adapters, or one beside the base model
+            half = len(full_batch) // 2
+            batches += [
+                requests(full_batch, [pair[0]] * half + [pair[1]] * (len(full_batch) - half)),
+                requests(query * 2, list(pair)),
+                requests(query, resident[:1]),
+            ]
+        for batch in batches:
+            for result in self.embed(batch):
+                if isinstance(result, Exception):
+                    rows = sum(len(request.input_ids) for request in batch)
+                    raise RuntimeError(f"the warm-up batch of {rows} texts failed: {result}") from result
+        self.adapters.counters.reset_usage()
+        if self.graphed is not None:
+            self.graphed.replays = 0
+        seconds = time.perf_counter() - started
+        self.startup_seconds["warm-up"] = seconds
+        return seconds
 
     def metrics_snapshot(self) -> AdapterMetrics:
         """What the serving metrics publish: the adapter registry's counters and the CUDA graphs'."""

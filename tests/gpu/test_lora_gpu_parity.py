@@ -199,3 +199,32 @@ def test_adapter_graph_replays_equal_the_eager_engine_across_buckets_and_buffer_
     assert [key[3] for key in graphed.graphed.graphs if key[3] != "base"] == ["fused tables"]
     for lengths, adapter_ids in rounds:
         check(lengths, adapter_ids)
+
+
+def test_warm_up_captures_the_graphs_of_each_batch_kind_and_changes_no_answer(xlmr_base_folder, adapters):
+    """What the encoder model runs before Triton calls it ready (`warmup=auto` on a GPU): graphs for a
+    query and a full batch, of the base model, of two adapters (the fused tables) and of one (merged);
+    the next query of one adapter replays a graph it captured and equals the eager engine."""
+    root, _ = adapters
+    engine = EmbeddingEngine(
+        ServingConfig.from_parameters(
+            {"model": str(xlmr_base_folder), "adapter_root": str(root), "pooling": "mean", "dtype": "bfloat16",
+             "adapter_preload": "r4-qv,r16-all-rslora"},
+            environ={},
+        ),
+        "cuda",
+    )
+    assert engine.warmup_enabled
+    engine.warm_up()
+    plans = sorted((key[0], key[3]) for key in engine.graphed.graphs)
+    assert plans == [(64, "base"), (64, "fused tables"), (64, "merged"), (16384, "base"), (16384, "fused tables")], plans
+    metrics = engine.metrics_snapshot()
+    assert (metrics.forward_passes, metrics.graph_replays, metrics.graph_captures) == (0, 0, 5)
+    eager = make_lora_engine(xlmr_base_folder, root, graph_tokens=0)
+    ids, mask = xlmr_rows([16], np.random.default_rng(3))
+    request = [EncoderRequest(ids, mask, ["r16-all-rslora"], {"normalize": False})]
+    ours, reference = engine.embed(request)[0], eager.embed(request)[0]
+    cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() >= 0.9999, cosine.min()
+    metrics = engine.metrics_snapshot()
+    assert (metrics.forward_passes, metrics.graph_replays, metrics.graph_captures) == (1, 1, 5)

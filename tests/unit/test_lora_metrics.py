@@ -146,3 +146,15 @@ def test_engine_counts_forward_passes_and_their_tokens(make_engine, minilm_path)
     assert after.forward_passes - before.forward_passes == 3  # 2 + 2 + 1 sequences of 100 tokens
     assert after.forward_tokens - before.forward_tokens == 500
     assert after.usage[""].tokens - (before.usage[""].tokens if "" in before.usage else 0) == 500
+
+
+def test_warm_up_batches_are_not_counted(make_engine, minilm_path):
+    """The base model's warm-up (a query and a full batch) runs forward passes that the metrics never see."""
+    engine = make_engine(minilm_path, max_batch_tokens=512, max_seq_len=128, warmup="true")
+    engine.warm_up()
+    snapshot = engine.metrics_snapshot()
+    assert (snapshot.forward_passes, snapshot.forward_tokens, dict(snapshot.usage)) == (0, 0, {})
+    ids = np.full((2, 10), 1000, dtype=np.int64)
+    engine.embed([EncoderRequest(ids, np.ones_like(ids))])
+    snapshot = engine.metrics_snapshot()
+    assert (snapshot.forward_passes, snapshot.forward_tokens, snapshot.usage[""].texts) == (1, 20, 2)

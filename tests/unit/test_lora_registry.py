@@ -234,6 +234,40 @@ def test_preload_loads_at_start_and_rejects_bad_ids(tenants):
                     adapter_preload="tenant-0,tenant-1,tenant-2")
 
 
+def test_warm_up_runs_each_kind_of_batch_and_leaves_no_trace(tenants, monkeypatch):
+    """`warm_up` (the encoder model calls it on a GPU) embeds a query, a full batch, the full batch
+    split between two resident adapters, two queries of two adapters and one of one, in requests
+    within max_texts_per_request; afterwards the usage counters are empty (the preloads' loads stay)
+    and requests still match peft."""
+    engine = make_engine(tenants.model_path, adapter_root=tenants.adapter_root, max_adapters=3,
+                         adapter_preload="tenant-1,tenant-2", max_texts_per_request=8, warmup="true")
+    assert engine.warmup_enabled
+    assert not make_engine(tenants.model_path).warmup_enabled  # "auto" on a CPU
+    seen = []
+    activate = engine.adapters.activate
+
+    def spy(batch, plan_layers=True):
+        seen.append((batch.num_tokens, tuple(segment.slot for segment in batch.adapter_segments)))
+        return activate(batch, plan_layers)
+
+    monkeypatch.setattr(engine.adapters, "activate", spy)
+    seconds = engine.warm_up()
+    assert seconds > 0 and engine.startup_seconds["warm-up"] == seconds
+    slots = {name: engine.adapters.acquire({name})[name] for name in ("tenant-1", "tenant-2")}
+    engine.adapters.release()
+    full = engine.serving.max_batch_tokens // min(144, engine.settings.max_seq_len) * min(144, engine.settings.max_seq_len)
+    first, second = sorted(slots.values())
+    assert [slots for _, slots in seen] == [(0,), (0,), (first, second), (first, second), (slots["tenant-1"],)]
+    assert [tokens for tokens, _ in seen] == [16, full, full, 32, 16]
+    metrics = engine.metrics_snapshot()
+    assert (metrics.forward_passes, metrics.forward_tokens, dict(metrics.usage)) == (0, 0, {})
+    assert metrics.loads == 2
+    ids, mask = _row(tenants, 2)
+    [result] = engine.embed([EncoderRequest(ids, mask, ["tenant-1"])])
+    np.testing.assert_allclose(raise_if_error(result)[0], tenants.expected["tenant-1"][2], atol=PARITY_ATOL)
+    assert engine.metrics_snapshot().forward_passes == 1
+
+
 # --- rejections --------------------------------------------------------------------------------------
 
 GOOD = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}

@@ -57,6 +57,14 @@ class AdapterCounters:
         self.load_seconds = 0.0
         self.forward_passes = self.forward_tokens = 0
 
+    def reset_usage(self) -> None:
+        """Forget the requests, texts, tokens and forward passes counted so far (the engine's warm-up
+        batches); loads, evictions and load failures stay."""
+        self.requests.clear()
+        self.texts.clear()
+        self.tokens.clear()
+        self.forward_passes = self.forward_tokens = 0
+
     def count_requests(self, adapter_ids_per_request: Iterable[Sequence[str]]) -> None:
         for adapter_ids in adapter_ids_per_request:
             for adapter_id in set(adapter_ids):

@@ -50,6 +50,8 @@ class TritonPythonModel:
         serving = ServingConfig.from_parameters(parameters_from_model_config(model_config))
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"], serving.cpu_threads)
         self.engine = EmbeddingEngine(serving, device)
+        if self.engine.warmup_enabled:  # kernels compiled and graphs captured before Triton calls it ready
+            self.engine.warm_up()
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics = AdapterMetricsPublisher(_metric_family, labels)
         self.metrics.publish(self.engine.metrics_snapshot())  # adapter_preload's loads, the gauges
