@@ -231,8 +231,9 @@ class EmbeddingEngine:
         same full batch split between two of them (the segmented LoRA kernels, the GEMMs with the
         expand in their epilogue), two queries of two adapters, and one query of one adapter (merged
         per linear). The counts the metrics publish start after it; the graphs it captured stay, and
-        so does their count. Raises RuntimeError if a batch fails: better at start than on requests.
-        Returns the seconds it took (also in `startup_seconds["warm-up"]`)."""
+        so does their count. Raises RuntimeError if a batch fails (the encoder model logs it and
+        serves without the warm-up: requests fail or succeed on their own). Returns the seconds it
+        took (also in `startup_seconds["warm-up"]`)."""
         started = time.perf_counter()
         rng = np.random.default_rng(0)
         vocab_size = self.settings.encoder_config.vocab_size
@@ -263,14 +264,16 @@ class EmbeddingEngine:
                 requests(query * 2, list(pair)),
                 requests(query, resident[:1]),
             ]
-        for batch in batches:
-            for result in self.embed(batch):
-                if isinstance(result, Exception):
-                    rows = sum(len(request.input_ids) for request in batch)
-                    raise RuntimeError(f"the warm-up batch of {rows} texts failed: {result}") from result
-        self.adapters.counters.reset_usage()
-        if self.graphed is not None:
-            self.graphed.replays = 0
+        try:
+            for batch in batches:
+                for result in self.embed(batch):
+                    if isinstance(result, Exception):
+                        rows = sum(len(request.input_ids) for request in batch)
+                        raise RuntimeError(f"the warm-up batch of {rows} texts failed: {result}") from result
+        finally:
+            self.adapters.counters.reset_usage()
+            if self.graphed is not None:
+                self.graphed.replays = 0
         seconds = time.perf_counter() - started
         self.startup_seconds["warm-up"] = seconds
         return seconds

@@ -275,3 +275,20 @@ def test_merged_adapter_equals_the_unmerged_one(triton_server_factory, adapters,
         "adapter 'tenant-0' is not served: this server has adapter 'tenant-1' merged into the base model "
         "and serves only it ('' or 'tenant-1')")):
         embed(client, [0], ["tenant-0"])
+
+
+def test_a_warmed_up_server_counts_only_requests_and_answers_right(triton_server_factory, adapters):
+    """warmup=true on a CPU (on a GPU it is the default): the encoder embeds its warm-up batches, with
+    two preloaded tenants, before Triton reports it ready; its start-up line shows the time, the
+    metrics start at zero, and requests match peft."""
+    warmed = triton_server_factory(REPOSITORY, env=server_env(
+        adapters, warmup="true", adapter_preload="tenant-0,tenant-1", max_batch_tokens="2048"))
+    assert re.search(r"loraembed encoder start-up of encoder_0_0: model [\d.]+ s, adapters [\d.]+ s, warm-up [\d.]+ s, "
+                     r"initialize [\d.]+ s", warmed.log_text())
+    assert "warm-up failed" not in warmed.log_text()
+    before = scrape(warmed)
+    assert before["loraembed_forward_passes_total", None] == 0
+    assert not any(name == "loraembed_adapter_texts_total" for name, _ in before)  # no adapter series yet
+    client = grpcclient.InferenceServerClient(warmed.grpc_url)
+    assert_close(embed(client, [0, 1, 2], ["tenant-1", "", "tenant-0"]),
+                 expected_rows(adapters, [0, 1, 2], ["tenant-1", "", "tenant-0"]))

@@ -158,3 +158,22 @@ def test_warm_up_batches_are_not_counted(make_engine, minilm_path):
     engine.embed([EncoderRequest(ids, np.ones_like(ids))])
     snapshot = engine.metrics_snapshot()
     assert (snapshot.forward_passes, snapshot.forward_tokens, snapshot.usage[""].texts) == (1, 20, 2)
+
+
+def test_a_failed_warm_up_raises_and_still_counts_nothing(make_engine, minilm_path, monkeypatch):
+    """A warm-up batch that fails raises (the encoder model logs it and serves without the warm-up);
+    what ran before it is not counted either."""
+    engine = make_engine(minilm_path, max_batch_tokens=384, max_seq_len=128, warmup="true")
+    real_embed = engine.embed
+    calls = []
+
+    def failing_second_batch(requests):
+        calls.append(len(requests))
+        results = real_embed(requests)
+        return results if len(calls) == 1 else [RuntimeError("device on fire")] * len(results)
+
+    monkeypatch.setattr(engine, "embed", failing_second_batch)
+    with pytest.raises(RuntimeError, match=r"^the warm-up batch of 3 texts failed: device on fire$"):
+        engine.warm_up()
+    snapshot = engine.metrics_snapshot()
+    assert (snapshot.forward_passes, dict(snapshot.usage)) == (0, {})

@@ -51,7 +51,12 @@ class TritonPythonModel:
         device = instance_device(args["model_instance_kind"], args["model_instance_device_id"], serving.cpu_threads)
         self.engine = EmbeddingEngine(serving, device)
         if self.engine.warmup_enabled:  # kernels compiled and graphs captured before Triton calls it ready
-            self.engine.warm_up()
+            try:
+                self.engine.warm_up()
+            except Exception as error:  # it only saves the first requests' time: serve without it
+                pb_utils.Logger.log_error(
+                    f"loraembed encoder: the warm-up failed, serving without it: {type(error).__name__}: {error}"
+                )
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics = AdapterMetricsPublisher(_metric_family, labels)
         self.metrics.publish(self.engine.metrics_snapshot())  # adapter_preload's loads, the gauges
