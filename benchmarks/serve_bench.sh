@@ -231,6 +231,11 @@ server_version=$("$stub_python" -c "import json, urllib.request, sys; print(json
     "http://127.0.0.1:$http/v2")
 server_start_s=$(($(date +%s) - server_started))
 say "tritonserver $server_version ready ($server_start_s s after it was started)"
+# The first requests, one at a time, before any other traffic: what a cold server costs its first
+# users (kernel compilation, CUDA graph captures), unless the encoder's warm-up paid it at start.
+first_requests=$("$stub_python" "$ROOT/benchmarks/serve_bench_setup.py" first-requests "$work" --url "127.0.0.1:$http" \
+    2>>"$out/serve_bench.log") || first_requests="failed (see serve_bench.log)"
+say "first requests once ready: $first_requests"
 
 # 4. In-process reference (the server is idle: it holds its memory, computes nothing).
 say "in-process EmbeddingEngine.embed on the same ids ($stub_python)"
@@ -298,7 +303,7 @@ settings+=$instances_note
 settings+="${params[*]+, ${params[*]}}"
 "$host_python" "$ROOT/benchmarks/serve_report.py" report "$raw" --out-dir "$out" ${report_dir:+--report-dir "$report_dir"} \
     --meta "card=$card" --meta "cpu=$cpu" --meta "server_version=$server_version" --meta "perf_analyzer=${pa_version:-?}" \
-    --meta "model=$model" --meta "adapters=$adapters" --meta "settings=$settings" --meta "server_start_s=$server_start_s" \
+    --meta "model=$model" --meta "adapters=$adapters" --meta "settings=$settings" --meta "server_start_s=$server_start_s" --meta "first_requests=$first_requests" \
     --meta "tokenizer=$(grep -o '"tokenizer": "[^"]*"' "$work/build.json" | cut -d'"' -f4)" \
     --meta "windows=3 x $window_ms ms per concurrency (warm-up 2 x 3 x $warmup_ms ms per scenario)" \
     >"$raw/report.md" 2>>"$out/serve_bench.log"

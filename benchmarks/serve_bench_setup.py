@@ -3,6 +3,7 @@
     python benchmarks/serve_bench_setup.py build DIR [--model xlmr-base|tiny] [--adapters 64]
         [--vocab-size 250002] [--queries 1024] [--passages 2048] [--passage-tokens 120]
     python benchmarks/serve_bench_setup.py inprocess DIR --out FILE [--device cuda] [--repeats 5]
+    python benchmarks/serve_bench_setup.py first-requests DIR --url HOST:PORT
 
 `build` (any python with torch, transformers and tokenizers) writes DIR/model (random-weight
 XLM-R of that size, bf16, with a tokenizer.json of the same vocabulary size), DIR/adapters
@@ -240,6 +241,33 @@ def inprocess(args) -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+def first_requests(args) -> None:
+    import urllib.request
+
+    directory = Path(args.dir)
+    adapter_ids = json.loads((directory / "build.json").read_text()).get("adapter_ids") or []
+    queries = (directory / "queries.txt").read_text().splitlines()
+    passages = (directory / "passages.txt").read_text().splitlines()[:32]
+    cases = [("one query", queries[:1], None), ("32 passages", passages, None)]
+    if adapter_ids:
+        cases.append(("32 passages of one adapter", passages, adapter_ids[0]))
+    timings = []
+    for label, texts, adapter_id in cases:
+        inputs = [{"name": "TEXT", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}]
+        if adapter_id is not None:
+            inputs.append({"name": "ADAPTER_ID", "shape": [len(texts), 1], "datatype": "BYTES", "data": [adapter_id] * len(texts)})
+        request = urllib.request.Request(f"http://{args.url}/v2/models/embed/infer", data=json.dumps({"inputs": inputs}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            output = json.loads(response.read())["outputs"][0]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if output["shape"][0] != len(texts):
+            raise SystemExit(f"first-requests: {label}: {output['shape'][0]} embeddings for {len(texts)} texts")
+        timings.append(f"{label} {elapsed_ms:,.0f} ms")
+    print(", ".join(timings))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -260,8 +288,11 @@ def main() -> None:
     measure_parser.add_argument("--repeats", type=int, default=5)
     measure_parser.add_argument("--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                                 help="a serving parameter as the server has it (e.g. max_batch_tokens 16384)")
+    first_parser = commands.add_parser("first-requests")
+    first_parser.add_argument("dir")
+    first_parser.add_argument("--url", required=True, help="the server's HTTP address, HOST:PORT")
     args = parser.parse_args()
-    build(args) if args.command == "build" else inprocess(args)
+    {"build": build, "inprocess": inprocess, "first-requests": first_requests}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,8 @@ def markdown(rows: list[dict], extra: dict, meta: dict) -> str:
         lines.append(f"Server start: ready {meta.get('server_start_s', '?')} s after it was started; encoder "
                      f"instances (model load, adapter registry with its preloads, whole initialize): "
                      f"{meta.get('encoder_startup', 'not logged')}.")
+    if meta.get("first_requests"):
+        lines.append(f"First requests once ready (one at a time, before other traffic, through `embed`): {meta['first_requests']}.")
     for name, values in stats.items():
         if "mean_tokens" in values:
             lines.append(f"- `{name}`: {values['texts']} texts, {values['mean_tokens']:.1f} tokens on average"

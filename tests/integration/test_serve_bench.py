@@ -73,6 +73,9 @@ def test_writes_its_outputs_and_prints_the_report_last(bench):
     assert phases, start.group(2)  # one CPU instance
     model_s, adapters_s, initialize_s = map(float, phases.groups())
     assert model_s + adapters_s <= initialize_s + 0.1 and initialize_s <= int(start.group(1)) + 1
+    # The first requests once ready, timed one at a time (the tiny build has adapters: three of them).
+    assert re.search(r"^First requests once ready \(one at a time, before other traffic, through `embed`\): one query [\d,]+ ms, "
+                     r"32 passages [\d,]+ ms, 32 passages of one adapter [\d,]+ ms\.$", report, re.M), report[:3000]
     targets = report.split("## Targets (issue 5)")[1].split("##")[0]
     assert len(re.findall(r"\| (met|missed) \|$", targets, re.M)) == 4  # every target measured
     for name in SCENARIOS:
