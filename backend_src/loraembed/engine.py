@@ -224,13 +224,13 @@ class EmbeddingEngine:
 
     def warm_up(self) -> float:
         """Embed one batch of each kind the server will see, so that the first requests do not pay
-        for what a first batch costs: Triton compiles each kernel on its first call (seconds each with
-        a cold cache), cuBLAS picks its algorithms, and a CUDA graph is captured per new bucket. The
-        batches: one 16-token query, and a full batch of 144-token passages (the largest bucket the
-        passage traffic of `max_batch_tokens` meets); with adapters resident (`adapter_preload`), the
-        same full batch split between two of them (the segmented LoRA kernels, the GEMMs with the
-        expand in their epilogue), two queries of two adapters, and one query of one adapter (merged
-        per linear). The counts the metrics publish start after it; the graphs it captured stay, and
+        for what a first batch costs: Triton compiles each kernel on its first call (unless its cache
+        on disk has it), cuBLAS picks its algorithms, and a CUDA graph is captured per new bucket. The
+        batches: one 16-token query, and a full batch of 144-token passages (at the default
+        `max_batch_tokens`, 113 rows of 16,272 tokens: the bucket of most full batches of passages);
+        with adapters resident (`adapter_preload`), the same full batch split between two of them
+        (the segmented LoRA kernels, the GEMMs with the expand in their epilogue), two queries of two
+        adapters, and one query of one adapter (merged per linear). The counts the metrics publish start after it; the graphs it captured stay, and
         so does their count. Raises RuntimeError if a batch fails (the encoder model logs it and
         serves without the warm-up: requests fail or succeed on their own). Returns the seconds it
         took (also in `startup_seconds["warm-up"]`)."""
