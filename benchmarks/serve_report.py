@@ -262,7 +262,7 @@ def markdown(rows: list[dict], extra: dict, meta: dict) -> str:
         lines.append(f"Server's encoder: `{meta['server_engine']}`.")
     if meta.get("server_start_s") or meta.get("encoder_startup"):
         lines.append(f"Server start: ready {meta.get('server_start_s', '?')} s after it was started; encoder "
-                     f"instances (model load, adapter registry with its preloads, whole initialize): "
+                     f"instances (model load, adapter registry with its preloads, warm-up on a GPU, whole initialize): "
                      f"{meta.get('encoder_startup', 'not logged')}.")
     if meta.get("first_requests"):
         lines.append(f"First requests once ready (one at a time, before other traffic, through `embed`): {meta['first_requests']}.")

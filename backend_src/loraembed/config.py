@@ -92,6 +92,16 @@ class EncoderConfig:
         )
 
 
+def _parse_warmup(value: Any) -> str:
+    """"auto", "true" or "false" (any spelling `_parse_bool` takes)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if _parse_bool("warmup", value) else "false"
+    except ValueError:
+        raise ValueError(f"warmup={value!r} is not auto, true or false") from None
+
+
 def _parse_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -204,7 +214,7 @@ class ServingConfig:
             "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
             "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
             "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("auto", "none", "tanh")),
-            "warmup": lambda v: "auto" if str(v).strip().lower() == "auto" else str(_parse_bool("warmup", v)).lower(),
+            "warmup": _parse_warmup,
         }
         values = {}
         problems = []

@@ -19,7 +19,7 @@ from .attention import select_attention_backend
 from .checkpoint import read_encoder_config, read_sentence_transformers_settings, resolve_model_path
 from .config import EncoderConfig, RequestOptions, ServingConfig
 from .encoder import PackedEncoder, load_packed_encoder
-from .errors import AdapterError, ConfigurationError, InvalidInputError, RequestError
+from .errors import AdapterError, ConfigurationError, InvalidInputError, RequestError, WarmupError
 from .lora.metrics import AdapterCounters, AdapterMetrics
 from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
 from .cuda_graphs import GraphedForward
@@ -179,7 +179,9 @@ def resolve_gelu_approximation(name: str, device: torch.device, dtype: torch.dty
 
 def resolve_warmup(name: str, device: torch.device) -> bool:
     """"auto": warm up on CUDA, where the first batches would otherwise compile kernels and capture
-    graphs; not on a CPU, where there is nothing to compile."""
+    graphs; not on a CPU, where there is nothing to compile. Else "true" or "false" (as parsed)."""
+    if name not in ("auto", "true", "false"):
+        raise ConfigurationError(f"warmup={name!r} is not auto, true or false")
     return device.type == "cuda" if name == "auto" else name == "true"
 
 
@@ -227,13 +229,16 @@ class EmbeddingEngine:
         for what a first batch costs: Triton compiles each kernel on its first call (unless its cache
         on disk has it), cuBLAS picks its algorithms, and a CUDA graph is captured per new bucket. The
         batches: one 16-token query, and a full batch of 144-token passages (at the default
-        `max_batch_tokens`, 113 rows of 16,272 tokens: the bucket of most full batches of passages);
-        with adapters resident (`adapter_preload`), the same full batch split between two of them
-        (the segmented LoRA kernels, the GEMMs with the expand in their epilogue), two queries of two
-        adapters, and one query of one adapter (merged per linear). The counts the metrics publish start after it; the graphs it captured stay, and
-        so does their count. Raises RuntimeError if a batch fails (the encoder model logs it and
-        serves without the warm-up: requests fail or succeed on their own). Returns the seconds it
-        took (also in `startup_seconds["warm-up"]`)."""
+        `max_batch_tokens`, 113 rows of 16,272 tokens: the graph bucket of full batches of passages
+        that average 128 to 255 tokens); with adapters resident (`adapter_preload`), the same full
+        batch split between two of them (the segmented LoRA kernels, the GEMMs with the expand in
+        their epilogue), two queries of two adapters, and one query of one adapter (merged per
+        linear). Every kernel is then compiled; batches of other buckets still capture their graph
+        when first seen. The forward passes, texts and tokens the metrics publish start after it;
+        the graphs it captured stay, and so do their counts. Raises WarmupError if a batch fails
+        while the device still works (the encoder model logs it and serves without the warm-up),
+        and the device's own error if it does not (the model then fails to load). Returns the
+        seconds it took (also in `startup_seconds["warm-up"]`)."""
         started = time.perf_counter()
         rng = np.random.default_rng(0)
         vocab_size = self.settings.encoder_config.vocab_size
@@ -266,10 +271,17 @@ class EmbeddingEngine:
             ]
         try:
             for batch in batches:
-                for result in self.embed(batch):
-                    if isinstance(result, Exception):
-                        rows = sum(len(request.input_ids) for request in batch)
-                        raise RuntimeError(f"the warm-up batch of {rows} texts failed: {result}") from result
+                results = self.embed(batch)
+                failed = next((result for result in results if isinstance(result, Exception)), None)
+                if failed is not None:
+                    rows = sum(len(request.input_ids) for request in batch)
+                    raise WarmupError(f"the warm-up batch of {rows} texts failed: {failed}")
+        except WarmupError:
+            raise
+        except Exception as error:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a device left broken raises here, not a WarmupError
+            raise WarmupError(f"the warm-up failed: {type(error).__name__}: {error}") from error
         finally:
             self.adapters.counters.reset_usage()
             if self.graphed is not None:

@@ -1,7 +1,8 @@
 """Typed errors. Each names the offending value and, where there is one, the allowed set.
 
 `RequestError`s concern one request only: the Triton models turn them into an error response for
-that request and go on serving the rest of the batch. `ConfigurationError`s stop a model at start.
+that request and go on serving the rest of the batch. `ConfigurationError`s stop a model at start;
+a `WarmupError` does not (the model serves without its warm-up).
 """
 
 
@@ -35,3 +36,7 @@ class SequenceTooLongError(RequestError):
 
 class AdapterError(RequestError):
     """An adapter id cannot be served: invalid, unknown, or its files fail validation."""
+
+
+class WarmupError(LoraEmbedError, RuntimeError):
+    """A warm-up batch failed while the device still works (`EmbeddingEngine.warm_up`)."""

@@ -67,7 +67,7 @@ def test_writes_its_outputs_and_prints_the_report_last(bench):
     assert "Settings: tokenizer instances 1, tokenizer max_queue_delay 0 (repository) us, encoder max_queue_delay 500 us" in report
     # How long the server took to start, and each encoder instance's share, as its start-up log line says.
     start = re.search(r"^Server start: ready (\d+) s after it was started; encoder instances \(model load, adapter "
-                      r"registry with its preloads, whole initialize\): (.*)\.$", report, re.M)
+                      r"registry with its preloads, warm-up on a GPU, whole initialize\): (.*)\.$", report, re.M)
     assert start, report[:2000]
     phases = re.fullmatch(r"encoder_0_0: model ([\d.]+) s, adapters ([\d.]+) s, initialize ([\d.]+) s", start.group(2))
     assert phases, start.group(2)  # one CPU instance

@@ -96,6 +96,11 @@ def test_normalize_auto_or_bool(value, expected):
     assert ServingConfig.from_parameters({"normalize": value}, environ={}).normalize is expected
 
 
+@pytest.mark.parametrize("value, expected", [(" Auto ", "auto"), ("true", "true"), ("1", "true"), ("OFF", "false")])
+def test_warmup_auto_or_bool(value, expected):
+    assert ServingConfig.from_parameters({"warmup": value}, environ={}).warmup == expected
+
+
 def test_environment_overrides_every_parameter():
     environ = {"LORAEMBED_DTYPE": "float32", "LORAEMBED_MAX_ADAPTERS": "3", "LORAEMBED_MODEL": "/models/e5",
                "LORAEMBED_ADAPTER_PRELOAD": "tenant-a,tenant-b"}
@@ -140,6 +145,7 @@ def test_unknown_parameter_names_are_rejected():
         ("max_adapters", "2.5", r"max_adapters='2.5' is not an integer"),
         ("max_lora_rank", "0", r"max_lora_rank=0 is below the minimum 1"),
         ("gelu_approximation", "erf", r"gelu_approximation='erf' is not one of auto, none, tanh"),
+        ("warmup", "later", r"warmup='later' is not auto, true or false"),
     ],
 )
 @pytest.mark.parametrize("source", ["parameter", "environment"])

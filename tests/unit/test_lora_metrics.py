@@ -177,3 +177,33 @@ def test_a_failed_warm_up_raises_and_still_counts_nothing(make_engine, minilm_pa
         engine.warm_up()
     snapshot = engine.metrics_snapshot()
     assert (snapshot.forward_passes, dict(snapshot.usage)) == (0, {})
+
+
+def test_the_engine_reports_its_cuda_graph_counts(make_engine, minilm_path, monkeypatch):
+    """metrics_snapshot takes replays, captures, evictions and graphs kept from the engine's CUDA
+    graphs (a stand-in here: the CPU has none), beside the registry's counts."""
+    from types import SimpleNamespace
+
+    engine = make_engine(minilm_path, max_batch_tokens=640, max_seq_len=128)
+    graphs = SimpleNamespace(replays=7, captures=3, evictions=1, graphs={"a": None, "b": None})
+    monkeypatch.setattr(engine, "graphed", graphs)
+    snapshot = engine.metrics_snapshot()
+    assert (snapshot.graph_replays, snapshot.graph_captures, snapshot.graph_evictions, snapshot.graphs_resident) == (7, 3, 1, 2)
+    assert snapshot.forward_passes == engine.adapters.snapshot().forward_passes
+    updates = {update.name: update.value for update in metric_updates(None, snapshot)}
+    assert (updates["loraembed_forward_passes_graphed_total"], updates["loraembed_cuda_graph_captures_total"],
+            updates["loraembed_cuda_graph_evictions_total"], updates["loraembed_cuda_graphs_resident"]) == (7, 3, 1, 2)
+
+
+def test_warmup_resolves_per_device():
+    """"auto" warms up on CUDA only; a value that did not come through ServingConfig's parser is refused."""
+    import torch
+
+    from loraembed.engine import resolve_warmup
+    from loraembed.errors import ConfigurationError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [resolve_warmup(name, device) for name in ("auto", "true", "false") for device in (cpu, cuda)] == [
+        False, True, True, True, False, False]
+    with pytest.raises(ConfigurationError, match=r"^warmup='yes' is not auto, true or false$"):
+        resolve_warmup("yes", cpu)

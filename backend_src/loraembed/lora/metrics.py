@@ -146,7 +146,8 @@ METRIC_DEFINITIONS = (
     MetricDefinition("loraembed_cuda_graph_captures_total", COUNTER,
                      "CUDA graphs captured, one per new batch bucket (each costs a capture's time once)", "graph_captures"),
     MetricDefinition("loraembed_cuda_graph_evictions_total", COUNTER,
-                     "CUDA graphs dropped to make room for another bucket's", "graph_evictions"),
+                     "CUDA graphs dropped to make room for another bucket's (not counted: adapter-batch graphs "
+                     "dropped because an adapter of a higher rank grew the LoRA buffers)", "graph_evictions"),
     MetricDefinition("loraembed_cuda_graphs_resident", GAUGE, "CUDA graphs kept now", "graphs_resident"),
 )
 

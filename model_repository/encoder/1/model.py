@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from loraembed.config import ServingConfig
 from loraembed.engine import EmbeddingEngine, EncoderRequest
-from loraembed.errors import InvalidInputError, RequestError
+from loraembed.errors import InvalidInputError, RequestError, WarmupError
 from loraembed.lora.metrics import COUNTER, AdapterMetricsPublisher
 from loraembed.triton_params import decode_strings, instance_device, parameters_from_model_config, request_parameters
 
@@ -53,10 +53,8 @@ class TritonPythonModel:
         if self.engine.warmup_enabled:  # kernels compiled and graphs captured before Triton calls it ready
             try:
                 self.engine.warm_up()
-            except Exception as error:  # it only saves the first requests' time: serve without it
-                pb_utils.Logger.log_error(
-                    f"loraembed encoder: the warm-up failed, serving without it: {type(error).__name__}: {error}"
-                )
+            except WarmupError as error:  # it only saves the first requests' time: serve without it
+                pb_utils.Logger.log_error(f"loraembed encoder: serving without the warm-up: {error}")
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
         self.metrics = AdapterMetricsPublisher(_metric_family, labels)
         self.metrics.publish(self.engine.metrics_snapshot())  # adapter_preload's loads, the gauges
