@@ -161,6 +161,7 @@ class ServingConfig:
     max_text_bytes: int = 1_000_000
     max_texts_per_request: int = 4096
     cuda_graph_max_tokens: int = 16384  # batches up to this size (adapters too) replay CUDA graphs; 0: never
+    cuda_graph_max_graphs: int = 32  # graphs kept per encoder instance (least recently replayed go first)
     cpu_threads: int = 0  # torch threads of an instance; 0: 1 on a GPU, half the cores on a CPU (tokenizers share them)
     # "tanh": a checkpoint's exact GELU ("gelu") runs as the tanh approximation, which cuBLASLt applies
     # in the intermediate GEMM's epilogue instead of a separate pass; "auto": tanh in bfloat16 on a
@@ -212,6 +213,7 @@ class ServingConfig:
             "max_text_bytes": lambda v: _parse_int("max_text_bytes", v, 1),
             "max_texts_per_request": lambda v: _parse_int("max_texts_per_request", v, 1),
             "cuda_graph_max_tokens": lambda v: _parse_int("cuda_graph_max_tokens", v, 0),
+            "cuda_graph_max_graphs": lambda v: _parse_int("cuda_graph_max_graphs", v, 1),
             "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
             "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("auto", "none", "tanh")),
             "warmup": _parse_warmup,

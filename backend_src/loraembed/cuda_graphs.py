@@ -14,7 +14,8 @@ copied into the bucket's static tensors with one host-to-device copy:
   rows, padding included, in a part of the staging buffer sized by `query_tile_capacity`; its
   unused tiles are empty.
 
-At most MAX_GRAPHS graphs are kept; past that, a bucket seen for the second time evicts the least
+At most `max_graphs` graphs are kept (the `cuda_graph_max_graphs` parameter, MAX_GRAPHS by default);
+past that, a bucket seen for the second time evicts the least
 recently replayed graph (serving found the limit the hard way: mixed passage traffic filled it, and
 single queries that came after ran eagerly at 5-12x their graphed latency). A bucket seen once runs
 eagerly, so traffic that never repeats a bucket cannot make every batch pay a capture. `triton_packed` attention does not depend on
@@ -48,7 +49,7 @@ from .pooling import pool
 
 MIN_TOKENS, MIN_SEQUENCES, MIN_SEQLEN = 64, 8, 32
 TOKEN_STEP = 2048  # token buckets past 2 * TOKEN_STEP are multiples of it
-MAX_GRAPHS = 32
+MAX_GRAPHS = 32  # the default of `cuda_graph_max_graphs`
 BASE_PLAN = "base"  # the key's LoRA plan for base-model batches
 FUSED_TABLES_PLAN = "fused tables"  # "tables" with the expands in the GEMMs' epilogues
 
@@ -92,7 +93,7 @@ class GraphedForward:
 
     def __init__(
         self, model: PackedEncoder, pooling: str, position_offset: int, max_tokens: int, max_seqlen: int,
-        lora_layers=None,
+        lora_layers=None, max_graphs: int = MAX_GRAPHS,
     ):
         self.model = model
         self.lora_layers = lora_layers  # lora.layers.LoraLayers, or None: base-model batches only
@@ -101,6 +102,7 @@ class GraphedForward:
         self.position_offset = position_offset
         self.max_tokens = max_tokens
         self.max_seqlen = max_seqlen
+        self.max_graphs = max_graphs
         self.graphs: OrderedDict[GraphKey, _CapturedGraph] = OrderedDict()  # oldest replay first
         # Counted for the serving metrics (`EmbeddingEngine.metrics_snapshot`): batches replayed,
         # graphs captured, graphs evicted to make room.
@@ -135,9 +137,9 @@ class GraphedForward:
             if plan is None:
                 return None
         key = self._key(len(host.input_ids), len(host.lengths), int(host.lengths.max()), plan)
-        if key in self.graphs or len(self.graphs) < MAX_GRAPHS:
+        if key in self.graphs or len(self.graphs) < self.max_graphs:
             return key
-        if len(self._sightings) > 4 * MAX_GRAPHS:
+        if len(self._sightings) > 4 * self.max_graphs:
             self._sightings.clear()
         self._sightings[key] = self._sightings.get(key, 0) + 1
         return key if self._sightings[key] >= 2 else None
@@ -202,7 +204,7 @@ class GraphedForward:
         num_rows = len(host.lengths)
         captured = self.graphs.get(key)
         if captured is None:
-            while len(self.graphs) >= MAX_GRAPHS:
+            while len(self.graphs) >= self.max_graphs:
                 self._evict_least_recent()
             self._sightings.pop(key, None)
             captured = self._capture(key)

@@ -210,7 +210,7 @@ class EmbeddingEngine:
             self.graphed = GraphedForward(
                 self.model, self.settings.pooling, self.settings.encoder_config.position_offset,
                 min(serving.cuda_graph_max_tokens, serving.max_batch_tokens), self.settings.max_seq_len,
-                getattr(self.adapters, "layers", None),
+                getattr(self.adapters, "layers", None), serving.cuda_graph_max_graphs,
             )
 
     def describe(self) -> str:

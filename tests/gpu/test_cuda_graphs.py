@@ -16,11 +16,11 @@ from tests.support.token_rows import xlmr_rows
 pytestmark = pytest.mark.gpu
 
 
-def make_engine(folder, backend, pooling, graph_tokens):
+def make_engine(folder, backend, pooling, graph_tokens, max_graphs=32):
     return EmbeddingEngine(
         ServingConfig.from_parameters(
             {"model": str(folder), "dtype": "bfloat16", "attention": backend, "pooling": pooling,
-             "cuda_graph_max_tokens": str(graph_tokens)},
+             "cuda_graph_max_tokens": str(graph_tokens), "cuda_graph_max_graphs": str(max_graphs)},
             environ={},
         ),
         "cuda",
@@ -56,13 +56,10 @@ def test_graph_replays_equal_the_eager_forward(xlmr_base_folder, backend, poolin
     np.testing.assert_allclose(graphed.embed(big)[0], eager.embed(big)[0], atol=2e-2, rtol=0)
 
 
-def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folder, monkeypatch):
-    """More buckets than MAX_GRAPHS: a bucket seen a second time evicts the least recently replayed
-    graph (one seen once runs eagerly), and every batch still equals the eager forward."""
-    import loraembed.cuda_graphs as cuda_graphs
-
-    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
-    graphed = make_engine(xlmr_base_folder, "triton_packed", "mean", 8192)
+def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folder):
+    """More buckets than cuda_graph_max_graphs: a bucket seen a second time evicts the least recently
+    replayed graph (one seen once runs eagerly), and every batch still equals the eager forward."""
+    graphed = make_engine(xlmr_base_folder, "triton_packed", "mean", 8192, max_graphs=2)
     eager = make_engine(xlmr_base_folder, "triton_packed", "mean", 0)
     rng = np.random.default_rng(5)
     # Buckets (tokens, sequences): A = (64, 8), B = (1024, 16), C = (6144, 32).
@@ -81,15 +78,12 @@ def test_graphs_past_the_limit_evict_the_least_recently_replayed(xlmr_base_folde
     assert (metrics.graph_evictions, metrics.graphs_resident) == (1, 2)
 
 
-def test_a_capture_after_every_graph_was_evicted_equals_the_eager_forward(xlmr_base_folder, monkeypatch):
+def test_a_capture_after_every_graph_was_evicted_equals_the_eager_forward(xlmr_base_folder):
     """The graphs' memory pool outlives them. With one graph allowed, a second bucket evicts the only
     graph while a tensor of the pool is still referenced (here its output buffer; in the engine, any
     block handed out during a capture), and then captures into the pool. A bare pool handle failed
     the allocator's internal assert `use_count > 0` there (torch 2.11)."""
-    import loraembed.cuda_graphs as cuda_graphs
-
-    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 1)
-    graphed = make_engine(xlmr_base_folder, "triton_packed", "mean", 8192)
+    graphed = make_engine(xlmr_base_folder, "triton_packed", "mean", 8192, max_graphs=1)
     eager = make_engine(xlmr_base_folder, "triton_packed", "mean", 0)
     rng = np.random.default_rng(11)
     kept = None

@@ -76,7 +76,8 @@ def test_defaults_are_the_design_table():
     assert config == ServingConfig()
     expected = dict(model="", revision="main", dtype="auto", pooling="auto", normalize=None, max_batch_tokens=16384,
                     max_seq_len=0, attention="auto", adapter_root="", adapter_preload=(), max_adapters=64,
-                    max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="auto")
+                    max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="auto",
+                    cuda_graph_max_tokens=16384, cuda_graph_max_graphs=32, warmup="auto")
     assert {name: getattr(config, name) for name in expected} == expected
 
 
@@ -146,6 +147,7 @@ def test_unknown_parameter_names_are_rejected():
         ("max_lora_rank", "0", r"max_lora_rank=0 is below the minimum 1"),
         ("gelu_approximation", "erf", r"gelu_approximation='erf' is not one of auto, none, tanh"),
         ("warmup", "later", r"warmup='later' is not auto, true or false"),
+        ("cuda_graph_max_graphs", "0", r"cuda_graph_max_graphs=0 is below the minimum 1"),
     ],
 )
 @pytest.mark.parametrize("source", ["parameter", "environment"])

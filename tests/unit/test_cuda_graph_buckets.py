@@ -23,7 +23,7 @@ def graphed(attention_backend: str, max_tokens: int = 8192, lora_layers=None) ->
     forward = GraphedForward.__new__(GraphedForward)
     forward.model = SimpleNamespace(attention_backend=attention_backend)
     forward.max_tokens, forward.max_seqlen = max_tokens, 512
-    forward.graphs, forward._sightings = OrderedDict(), {}
+    forward.graphs, forward._sightings, forward.max_graphs = OrderedDict(), {}, cuda_graphs.MAX_GRAPHS
     forward.lora_layers, forward._lora_generation = lora_layers, 0
     return forward
 
@@ -134,9 +134,9 @@ def test_only_triton_packed_graphs_stage_a_query_tile_table(backend):
     assert "query_tile_starts" not in forward._layout(forward.bucket(host_batch([200, 5, 64], [0, 0, 0])))
 
 
-def test_when_full_a_bucket_is_graphed_from_its_second_sighting(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+def test_when_full_a_bucket_is_graphed_from_its_second_sighting():
     forward = graphed("triton_packed")
+    forward.max_graphs = 2  # cuda_graph_max_graphs
     forward.graphs[(64, 8, 512, "base")] = forward.graphs[(1024, 16, 512, "base")] = object()  # full
     assert forward.bucket(host_batch([16])) == (64, 8, 512, "base")  # already graphed
     new = host_batch([300] * 20)
