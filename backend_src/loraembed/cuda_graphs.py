@@ -202,13 +202,7 @@ class GraphedForward:
         """[B, H] float32 on the device, equal to `pool(model(batch))` of the same packed batch;
         `key` is `bucket(host)`."""
         num_rows = len(host.lengths)
-        captured = self.graphs.get(key)
-        if captured is None:
-            while len(self.graphs) >= self.max_graphs:
-                self._evict_least_recent()
-            self._sightings.pop(key, None)
-            captured = self._capture(key)
-        self.graphs.move_to_end(key)
+        captured = self.graph_of(key)
         num_sequences, plan = key[1], key[3]
         total = len(host.input_ids)
         turn = captured.turn
@@ -246,6 +240,18 @@ class GraphedForward:
         captured.graph.replay()
         self.replays += 1
         return captured.pooled[:num_rows]
+
+    def graph_of(self, key: GraphKey) -> _CapturedGraph:
+        """The bucket's graph, now the most recently replayed; captured first if the bucket has none,
+        after evicting the least recently replayed graphs while the cache is full."""
+        captured = self.graphs.get(key)
+        if captured is None:
+            while len(self.graphs) >= self.max_graphs:
+                self._evict_least_recent()
+            self._sightings.pop(key, None)
+            captured = self._capture(key)
+        self.graphs.move_to_end(key)
+        return captured
 
     def _evict_least_recent(self) -> None:
         self._drop(next(iter(self.graphs)))
