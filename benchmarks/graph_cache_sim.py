@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,12 +48,8 @@ class CoveringLoraLayers:
 
 def graph_cache(max_graphs: int, counts: dict) -> GraphedForward:
     """A GraphedForward with its real bucket and admission rules and nothing on a device."""
-    cache = GraphedForward.__new__(GraphedForward)
-    cache.model = SimpleNamespace(attention_backend="triton_packed")
-    cache.max_tokens, cache.max_seqlen, cache.max_graphs = MAX_BATCH_TOKENS, MAX_SEQ_LEN, max_graphs
-    cache.graphs, cache._sightings = OrderedDict(), {}
-    cache.lora_layers, cache._lora_generation = CoveringLoraLayers(), 0
-    cache.replays = cache.captures = cache.evictions = 0
+    cache = GraphedForward.cache_rules_only(SimpleNamespace(attention_backend="triton_packed"), MAX_BATCH_TOKENS,
+                                            MAX_SEQ_LEN, CoveringLoraLayers(), max_graphs)
 
     def capture(key):  # as `_capture`, which keeps the graph it makes
         counts["captures"] += 1

@@ -95,19 +95,9 @@ class GraphedForward:
         self, model: PackedEncoder, pooling: str, position_offset: int, max_tokens: int, max_seqlen: int,
         lora_layers=None, max_graphs: int = MAX_GRAPHS,
     ):
-        self.model = model
-        self.lora_layers = lora_layers  # lora.layers.LoraLayers, or None: base-model batches only
-        self._lora_generation = lora_layers.buffer_generation if lora_layers is not None else 0
+        self._init_cache(model, max_tokens, max_seqlen, lora_layers, max_graphs)
         self.pooling = pooling
         self.position_offset = position_offset
-        self.max_tokens = max_tokens
-        self.max_seqlen = max_seqlen
-        self.max_graphs = max_graphs
-        self.graphs: OrderedDict[GraphKey, _CapturedGraph] = OrderedDict()  # oldest replay first
-        # Counted for the serving metrics (`EmbeddingEngine.metrics_snapshot`): batches replayed,
-        # graphs captured, graphs evicted to make room.
-        self.replays = self.captures = self.evictions = 0
-        self._sightings: dict[GraphKey, int] = {}  # buckets seen while the cache was full
         self.stream = torch.cuda.Stream()
         # One memory pool for all graphs: they replay one at a time on one stream, and each
         # replay's output is copied out (stream-ordered) before the next replay can reuse memory;
@@ -118,6 +108,29 @@ class GraphedForward:
         # `use_count > 0` (torch 2.11, test_adapter_graph_replays_equal_the_eager_engine_...).
         self._memory_pool = torch.cuda.MemPool()
         self.memory_pool = self._memory_pool.id
+
+    @classmethod
+    def cache_rules_only(cls, model, max_tokens: int, max_seqlen: int, lora_layers=None,
+                         max_graphs: int = MAX_GRAPHS) -> "GraphedForward":
+        """The bucket, admission and eviction rules alone, without a CUDA stream or memory pool: for
+        the CPU tests of those rules and benchmarks/graph_cache_sim.py. It captures nothing: stub
+        `_capture` (which keeps what it makes in `graphs`) and `_drop` before `graph_of`."""
+        cache = cls.__new__(cls)
+        cache._init_cache(model, max_tokens, max_seqlen, lora_layers, max_graphs)
+        return cache
+
+    def _init_cache(self, model, max_tokens: int, max_seqlen: int, lora_layers, max_graphs: int) -> None:
+        self.model = model
+        self.lora_layers = lora_layers  # lora.layers.LoraLayers, or None: base-model batches only
+        self._lora_generation = lora_layers.buffer_generation if lora_layers is not None else 0
+        self.max_tokens = max_tokens
+        self.max_seqlen = max_seqlen
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[GraphKey, _CapturedGraph] = OrderedDict()  # oldest replay first
+        # Counted for the serving metrics (`EmbeddingEngine.metrics_snapshot`): batches replayed,
+        # graphs captured, graphs evicted to make room.
+        self.replays = self.captures = self.evictions = 0
+        self._sightings: dict[GraphKey, int] = {}  # buckets seen while the cache was full
 
     def __del__(self) -> None:
         # The graphs go before their pool: some torch versions assert, when a MemPool is destroyed,

@@ -3,7 +3,6 @@ GPU and are tested in tests/gpu/test_cuda_graphs.py against the eager forward)."
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,13 +18,7 @@ from loraembed.packing import PackingRows, pack_rows
 
 
 def graphed(attention_backend: str, max_tokens: int = 8192, lora_layers=None) -> GraphedForward:
-    # The bucket policy without __init__'s CUDA stream and memory pool.
-    forward = GraphedForward.__new__(GraphedForward)
-    forward.model = SimpleNamespace(attention_backend=attention_backend)
-    forward.max_tokens, forward.max_seqlen = max_tokens, 512
-    forward.graphs, forward._sightings, forward.max_graphs = OrderedDict(), {}, cuda_graphs.MAX_GRAPHS
-    forward.lora_layers, forward._lora_generation = lora_layers, 0
-    return forward
+    return GraphedForward.cache_rules_only(SimpleNamespace(attention_backend=attention_backend), max_tokens, 512, lora_layers)
 
 
 class KernelLoraLayers:
