@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +17,9 @@ import torch
 
 from tests.support.checkpoints import xlmr_tokenizer
 from triton_server import TritonServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from serve_report import metric_sums  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -82,14 +85,9 @@ def test_ensemble_answers_with_a_gpu_encoder(gpu_server, xlmr_base_folder):
 
 
 def _metric_sums(url: str) -> dict[str, float]:
-    """Our metrics without an adapter label, summed over the encoder's instances."""
+    """Our metrics without an adapter label, summed over the encoder's instances (as serve_bench reads them)."""
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    sums: dict[str, float] = {}
-    for name, labels, value in re.findall(r"^(loraembed_\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
-        if "adapter=" not in labels:
-            sums[name] = sums.get(name, 0.0) + float(value)
-    return sums
+        return metric_sums(response.read().decode())
 
 
 def test_gpu_forward_passes_replay_cuda_graphs_and_are_counted(gpu_server):
