@@ -294,11 +294,15 @@ def measure_transformers(path: Path, sequences: list[np.ndarray], batch_size: in
     return dict(forward_s=seconds, peak_gib=peak)
 
 
+ENGINE_PARAMETERS: dict[str, str] = {}  # --parameter NAME=VALUE: serving parameters of every engine
+GEMM_TUNING: dict[str, str] = {}  # model -> its first engine's gemm_tuning outcome (RESULTS.md)
+
+
 def make_engine(path: Path, attention: str, max_batch_tokens: int, **parameters: str) -> EmbeddingEngine:
     return EmbeddingEngine(
         ServingConfig.from_parameters(
             {"model": str(path), "dtype": "bfloat16" if DEVICE.type == "cuda" else "float32", "attention": attention, "max_batch_tokens": str(max_batch_tokens),
-             **parameters},
+             **ENGINE_PARAMETERS, **parameters},
             environ={},
         ),
         DEVICE,
@@ -334,7 +338,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--gelu-approximation", default="auto",
                         help="the engine's gelu_approximation, a comma list (auto,none): values after the first run with the first --attention only")
+    parser.add_argument("--parameter", action="append", default=[], metavar="NAME=VALUE",
+                        help="a serving parameter of every engine (e.g. gemm_tuning=false); repeatable")
     args = parser.parse_args()
+    for item in args.parameter:
+        name, _, value = item.partition("=")
+        ENGINE_PARAMETERS[name] = value
     global DEVICE
     DEVICE = torch.device(args.device)
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -371,6 +380,7 @@ def main() -> None:
                     for attention in (attentions if approximation == approximations[0] else attentions[:1])]
             for attention, approximation in runs:
                 engine = make_engine(path, attention, args.max_batch_tokens, gelu_approximation=approximation)
+                GEMM_TUNING.setdefault(model_name, engine.describe_gemm_tuning())
                 config = engine.settings.encoder_config
                 label = attention + GELU_LABELS[approximation]
                 bos, eos = (0, 2) if config.position_offset else (101, 102)
@@ -449,6 +459,9 @@ def report(rows: list[dict], latencies: list[dict], card: str, date: str, out: P
         )
     lines += ["", "One 16-token query (median of 50):", "", "| model | attention | forward ms | embed() ms |", "|---|---|---|---|"]
     lines += [f"| {l['model']} | {l['attention']} | {l['forward_ms']:.2f} | {l['embed_ms']:.2f} |" for l in latencies]
+    parameters = ", ".join(f"{name}={value}" for name, value in ENGINE_PARAMETERS.items()) or "defaults"
+    lines += ["", f"Engine parameters: {parameters}. GEMM tuning at load (torch's pick -> fastest candidate, per linear):", ""]
+    lines += [f"- {model}: {outcome}" for model, outcome in GEMM_TUNING.items()]
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)

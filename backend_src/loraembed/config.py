@@ -92,14 +92,14 @@ class EncoderConfig:
         )
 
 
-def _parse_warmup(value: Any) -> str:
+def _parse_auto_bool(name: str, value: Any) -> str:
     """"auto", "true" or "false" (any spelling `_parse_bool` takes)."""
     if str(value).strip().lower() == "auto":
         return "auto"
     try:
-        return "true" if _parse_bool("warmup", value) else "false"
+        return "true" if _parse_bool(name, value) else "false"
     except ValueError:
-        raise ValueError(f"warmup={value!r} is not auto, true or false") from None
+        raise ValueError(f"{name}={value!r} is not auto, true or false") from None
 
 
 def _parse_bool(name: str, value: Any) -> bool:
@@ -170,6 +170,9 @@ class ServingConfig:
     # Run each kind of batch once before the model reports ready (EmbeddingEngine.warm_up): "auto"
     # on a GPU (kernel compilation, CUDA graph capture), "false" on a CPU; "true" / "false" force it.
     warmup: str = "auto"
+    # Time the cuBLASLt algorithms its heuristic offers for each linear at load and keep the fastest
+    # (cublaslt.py): "auto" on a GPU in 16-bit floats; "true" / "false" force it.
+    gemm_tuning: str = "auto"
 
     ENV_PREFIX = "LORAEMBED_"
 
@@ -216,7 +219,8 @@ class ServingConfig:
             "cuda_graph_max_graphs": lambda v: _parse_int("cuda_graph_max_graphs", v, 1),
             "cpu_threads": lambda v: _parse_int("cpu_threads", v, 0),
             "gelu_approximation": lambda v: _parse_choice("gelu_approximation", v, ("auto", "none", "tanh")),
-            "warmup": _parse_warmup,
+            "warmup": lambda v: _parse_auto_bool("warmup", v),
+            "gemm_tuning": lambda v: _parse_auto_bool("gemm_tuning", v),
         }
         values = {}
         problems = []

@@ -19,6 +19,7 @@ from .fused_ops import (
     add_layer_norm,
     add_lora_activation,
     embeddings_layer_norm,
+    linear,
     linear_activation,
 )
 from .packing import PackedBatch
@@ -54,12 +55,21 @@ def _linear_activation(linear: nn.Module, x: torch.Tensor, activation: str) -> t
     return add_lora_activation(output, lora, activation)
 
 
-def _linear(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LoraDelta | None]:
+def _linear(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, LoraDelta | None]:
     """The linear's output and a LoRA delta still to be added to it: None for a plain `nn.Linear`.
     The LoRA layers (lora/layers.py, swapped in from outside) return one so that the consumer's
     elementwise kernel adds it in the pass it makes anyway."""
-    forward_deferred = getattr(linear, "forward_deferred", None)
-    return (linear(x), None) if forward_deferred is None else forward_deferred(x)
+    forward_deferred = getattr(module, "forward_deferred", None)
+    if forward_deferred is None:
+        return linear(x, module.weight, module.bias), None
+    return forward_deferred(x)
+
+
+def _linear_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The linear's output with any LoRA delta already added (the fused Q/K/V projection)."""
+    if getattr(module, "forward_deferred", None) is None:
+        return linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class Embeddings(nn.Module):
@@ -123,7 +133,7 @@ class Layer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch, attention_backend: str) -> torch.Tensor:
         total_tokens, hidden_size = hidden.shape  # [T, H]
-        qkv = self.attention.self.qkv(hidden).view(total_tokens, 3, self.num_heads, self.head_dim)
+        qkv = _linear_output(self.attention.self.qkv, hidden).view(total_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # each [T, heads, head_dim]
         context = varlen_attention(
             query, key, value, batch.cu_seqlens, batch.max_seqlen, batch.token_sequence_index, attention_backend,

@@ -19,9 +19,11 @@ from .attention import select_attention_backend
 from .checkpoint import read_encoder_config, read_sentence_transformers_settings, resolve_model_path
 from .config import EncoderConfig, RequestOptions, ServingConfig
 from .encoder import PackedEncoder, load_packed_encoder
+from .fused_ops import EPILOGUE_ACTIVATIONS
 from .errors import AdapterError, ConfigurationError, InvalidInputError, RequestError, WarmupError
 from .lora.metrics import AdapterCounters, AdapterMetrics
 from .lora.registry import BASE_ADAPTER_ID, create_adapter_registry
+from .cublaslt import CublasLtError, TuningOutcome, forget_tuning, tune_linears, tuning_supported
 from .cuda_graphs import GraphedForward
 from .packing import HostPackedArrays, PackedBatch, PackingRows, offsets, pack_rows, plan_row_batches, to_device
 from .pooling import finalize_embeddings, pool
@@ -185,6 +187,24 @@ def resolve_warmup(name: str, device: torch.device) -> bool:
     return device.type == "cuda" if name == "auto" else name == "true"
 
 
+def resolve_gemm_tuning(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """"auto": tune where cuBLASLt runs the linears (CUDA, 16-bit floats); "true" tunes there too
+    and is a no-op elsewhere; "false" never tunes."""
+    if name not in ("auto", "true", "false"):
+        raise ConfigurationError(f"gemm_tuning={name!r} is not auto, true or false")
+    return name != "false" and tuning_supported(device, dtype)
+
+
+def linear_shapes(config: EncoderConfig) -> list[tuple[int, int, str | None]]:
+    """(out features, in features, epilogue) of each linear of a layer, as `cublaslt.tune_linears`
+    takes them: Q/K/V, attention.output.dense, intermediate.dense (its activation in the epilogue
+    where `fused_ops.linear_activation` puts it there) and output.dense."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    use_gelu = EPILOGUE_ACTIVATIONS.get(config.hidden_act)
+    epilogue = None if use_gelu is None else "gelu" if use_gelu else "relu"
+    return [(3 * hidden, hidden, None), (hidden, hidden, None), (intermediate, hidden, epilogue), (hidden, intermediate, None)]
+
+
 class EmbeddingEngine:
     def __init__(self, serving: ServingConfig, device: torch.device | str = "cpu"):
         self.serving = serving
@@ -205,6 +225,22 @@ class EmbeddingEngine:
         # Seconds spent loading the checkpoint onto the device and the adapter registry (its
         # adapter_preload included); the encoder model logs them at start.
         self.startup_seconds = {"model": loaded - started, "adapters": time.perf_counter() - loaded}
+        # Before any CUDA graph is captured: the graphs record the GEMMs' algorithms.
+        # The kept algorithms are the process's (fused_ops' GEMMs have no engine): the last engine
+        # built decides whether they run.
+        self.gemm_tuning: list[TuningOutcome] = []
+        self.gemm_tuning_error = ""  # why the tuning failed, if it did
+        forget_tuning()
+        if resolve_gemm_tuning(serving.gemm_tuning, self.device, self.dtype):
+            tuning_started = time.perf_counter()
+            try:
+                self.gemm_tuning = tune_linears(
+                    linear_shapes(self.model.config), serving.max_batch_tokens, self.device, self.dtype
+                )
+            except (CublasLtError, OSError, AttributeError) as error:  # a speed-up only: serve on torch's GEMMs
+                forget_tuning()
+                self.gemm_tuning_error = f"{type(error).__name__}: {error}"
+            self.startup_seconds["GEMM tuning"] = time.perf_counter() - tuning_started
         self.graphed = None
         if self.device.type == "cuda" and serving.cuda_graph_max_tokens:
             self.graphed = GraphedForward(
@@ -217,7 +253,16 @@ class EmbeddingEngine:
         return (
             f"model={self.settings.model_path} device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
             f"attention={self.attention_backend} activation={self.model.config.hidden_act} pooling={self.settings.pooling} max_seq_len={self.settings.max_seq_len}"
+            f" gemm_tuning={self.describe_gemm_tuning()}"
         )
+
+    def describe_gemm_tuning(self) -> str:
+        """"off", or each linear shape's time with torch's pick and with the fastest candidate."""
+        if self.gemm_tuning_error:
+            return f"failed ({self.gemm_tuning_error}), torch's GEMMs"
+        if not self.gemm_tuning:
+            return "off"
+        return "[" + "; ".join(outcome.describe() for outcome in self.gemm_tuning) + "]"
 
     @property
     def warmup_enabled(self) -> bool:

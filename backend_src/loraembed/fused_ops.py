@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cublaslt import tuned_linear
+
 try:
     import triton
     import triton.language as tl
@@ -83,9 +85,17 @@ def linear_activation_reference(
     return ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias: on the cuBLASLt algorithm `cublaslt.tune_linears` kept for this shape
+    where it kept one, else `F.linear` (the same answers, bit for bit)."""
+    tuned = tuned_linear(x, weight, bias, None)
+    return F.linear(x, weight, bias) if tuned is None else tuned
+
+
 def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """activation(x @ weight.T + bias), x: [T, in]. One cuBLASLt GEMM with the bias and the activation
-    in its epilogue for tanh GELU and ReLU on CUDA (16-bit floats); the reference elsewhere."""
+    in its epilogue for tanh GELU and ReLU on CUDA (16-bit floats; on the algorithm
+    `cublaslt.tune_linears` kept, if it kept one); the reference elsewhere."""
     if (
         activation in EPILOGUE_ACTIVATIONS
         and x.is_cuda
@@ -93,7 +103,9 @@ def linear_activation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         and x.dim() == 2
         and bias is not None
     ):
-        return torch._addmm_activation(bias, x, weight.t(), use_gelu=EPILOGUE_ACTIVATIONS[activation])
+        use_gelu = EPILOGUE_ACTIVATIONS[activation]
+        tuned = tuned_linear(x, weight, bias, "gelu" if use_gelu else "relu")
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=use_gelu) if tuned is None else tuned
     return linear_activation_reference(x, weight, bias, activation)
 
 

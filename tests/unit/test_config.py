@@ -77,7 +77,7 @@ def test_defaults_are_the_design_table():
     expected = dict(model="", revision="main", dtype="auto", pooling="auto", normalize=None, max_batch_tokens=16384,
                     max_seq_len=0, attention="auto", adapter_root="", adapter_preload=(), max_adapters=64,
                     max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="auto",
-                    cuda_graph_max_tokens=16384, cuda_graph_max_graphs=32, warmup="auto")
+                    cuda_graph_max_tokens=16384, cuda_graph_max_graphs=32, warmup="auto", gemm_tuning="auto")
     assert {name: getattr(config, name) for name in expected} == expected
 
 
@@ -100,6 +100,11 @@ def test_normalize_auto_or_bool(value, expected):
 @pytest.mark.parametrize("value, expected", [(" Auto ", "auto"), ("true", "true"), ("1", "true"), ("OFF", "false")])
 def test_warmup_auto_or_bool(value, expected):
     assert ServingConfig.from_parameters({"warmup": value}, environ={}).warmup == expected
+
+
+@pytest.mark.parametrize("value, expected", [(" Auto ", "auto"), ("yes", "true"), ("0", "false")])
+def test_gemm_tuning_auto_or_bool(value, expected):
+    assert ServingConfig.from_parameters({"gemm_tuning": value}, environ={}).gemm_tuning == expected
 
 
 def test_environment_overrides_every_parameter():
@@ -147,6 +152,7 @@ def test_unknown_parameter_names_are_rejected():
         ("max_lora_rank", "0", r"max_lora_rank=0 is below the minimum 1"),
         ("gelu_approximation", "erf", r"gelu_approximation='erf' is not one of auto, none, tanh"),
         ("warmup", "later", r"warmup='later' is not auto, true or false"),
+        ("gemm_tuning", "fast", r"gemm_tuning='fast' is not auto, true or false"),
         ("cuda_graph_max_graphs", "0", r"cuda_graph_max_graphs=0 is below the minimum 1"),
     ],
 )

@@ -207,3 +207,39 @@ def test_warmup_resolves_per_device():
         False, True, True, True, False, False]
     with pytest.raises(ConfigurationError, match=r"^warmup='yes' is not auto, true or false$"):
         resolve_warmup("yes", cpu)
+
+
+def test_gemm_tuning_resolves_per_device_and_dtype():
+    """"auto" and "true" tune where cuBLASLt runs the linears (CUDA, 16-bit floats) and nowhere else;
+    on a CPU no algorithm is ever kept, so the linears are torch's."""
+    import torch
+
+    from loraembed import cublaslt
+    from loraembed.engine import resolve_gemm_tuning
+    from loraembed.errors import ConfigurationError
+    from loraembed.fused_ops import linear
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [resolve_gemm_tuning(name, device, dtype) for name in ("auto", "true", "false")
+            for device, dtype in ((cpu, torch.float32), (cuda, torch.float32), (cuda, torch.bfloat16))] == [
+        False, False, True, False, False, True, False, False, False]
+    with pytest.raises(ConfigurationError, match=r"^gemm_tuning='on' is not auto, true or false$"):
+        resolve_gemm_tuning("on", cpu, torch.float32)
+    x, weight, bias = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
+    assert cublaslt.tuned_linear(x, weight, bias, None) is None
+    assert torch.equal(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
+def test_linear_shapes_are_the_four_linears_of_a_layer_with_the_activations_epilogue():
+    from dataclasses import replace
+
+    from loraembed.config import EncoderConfig
+    from loraembed.engine import linear_shapes
+
+    base = EncoderConfig(model_type="xlm-roberta", vocab_size=10, hidden_size=768, num_hidden_layers=1,
+                         num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                         max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
+    # exact GELU has no epilogue: F.linear, then its own pass
+    assert linear_shapes(base) == [(2304, 768, None), (768, 768, None), (3072, 768, None), (768, 3072, None)]
+    assert linear_shapes(base.with_gelu_approximation("tanh"))[2] == (3072, 768, "gelu")
+    assert linear_shapes(replace(base, hidden_act="relu", intermediate_size=1024))[2:] == [(1024, 768, "relu"), (768, 1024, None)]

@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..encoder import FUSED_PROJECTIONS, PackedEncoder
-from ..fused_ops import LoraDelta
+from ..fused_ops import LoraDelta, linear
 from ..packing import AdapterSegment
 from .peft_format import LoraAdapter
 from .lora_gemm_gluon import forget_static_descriptors
@@ -238,11 +237,11 @@ class SegmentedLoraLinear(nn.Linear):
         state = self.batch_state
         weight = self.batch_weight()
         if weight is not None:
-            return F.linear(x, weight, self.bias), None  # [T, out]
+            return linear(x, weight, self.bias), None  # [T, out]
         fused = self.fused_lora_output(x, "identity")
         if fused is not None:
             return fused, None
-        output = F.linear(x, self.weight, self.bias)  # [T, out]
+        output = linear(x, self.weight, self.bias)  # [T, out]
         width = self.slice_widths[0]
         if (
             state.block_table is not None
