@@ -39,7 +39,7 @@ EPILOGUES = {None: 4, "gelu": 36, "relu": 6}  # BIAS, GELU_BIAS (tanh GELU), REL
 
 CANDIDATES = 8  # the heuristic's first candidates timed per shape
 MIN_GAIN = 0.02  # a candidate replaces torch's pick only if it is at least this much faster
-WORKSPACE_BYTES = 4 << 20  # offered to the heuristic; the candidates kept so far need none
+WORKSPACE_BYTES = 4 << 20  # offered to the heuristic, as torch offers one; only candidates needing none are timed
 TIMED_ROUNDS, CALLS_PER_ROUND = 3, 10
 
 
@@ -79,7 +79,7 @@ class TuningOutcome:
 
 
 class _Library:
-    """torch's libcublasLt with the signatures used here, and one handle and workspace per device."""
+    """torch's libcublasLt with the signatures used here, and one handle per device."""
 
     def __init__(self, device: torch.device):
         x = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
@@ -104,11 +104,12 @@ class _Library:
             "cublasLtMatmulAlgoConfigGetAttribute": [p, i, p, size, p],
             "cublasLtMatmulAlgoCheck": [p, p, p, p, p, p, p, p],
             "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, size, p],
+            "cublasLtMatrixLayoutDestroy": [p],
+            "cublasLtMatmulDescDestroy": [p],
         }.items():
             getattr(lib, name).argtypes = argtypes
         self.lib = lib
         self.handles: dict[int, ctypes.c_void_p] = {}
-        self.workspaces: dict[int, torch.Tensor] = {}
         self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def handle(self, device: torch.device) -> int:
@@ -117,7 +118,6 @@ class _Library:
             with torch.cuda.device(device):
                 _check(self.lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
             self.handles[device.index] = handle
-            self.workspaces[device.index] = torch.empty(WORKSPACE_BYTES, device=device, dtype=torch.uint8)
         return self.handles[device.index].value
 
     def layout(self, dtype: torch.dtype, rows: int, cols: int, leading: int) -> ctypes.c_void_p:
@@ -174,7 +174,7 @@ class _TunedShape:
         """The layouts of x and the output at this row count, if the kept algorithm supports it."""
         if rows not in self.row_layouts:
             if len(self.row_layouts) >= 256:  # eager batches: any row count; keep the cache bounded
-                self.row_layouts.clear()
+                self.release_row_layouts(library)
             x_layout = library.layout(self.dtype, self.in_features, rows, self.in_features)
             out_layout = library.layout(self.dtype, self.out_features, rows, self.out_features)
             check = _HeuristicResult()
@@ -183,6 +183,20 @@ class _TunedShape:
                 ctypes.addressof(self.algo.algo), ctypes.addressof(check))
             self.row_layouts[rows] = (x_layout.value, out_layout.value) if status == 0 else None
         return self.row_layouts[rows]
+
+    def release_row_layouts(self, library: _Library) -> None:
+        for layouts in self.row_layouts.values():
+            for layout in layouts or ():
+                library.lib.cublasLtMatrixLayoutDestroy(layout)
+        self.row_layouts.clear()
+
+    def release(self, library: _Library) -> None:
+        """Destroy its descriptors (host objects only: graphs captured with them stay valid)."""
+        self.release_row_layouts(library)
+        for desc in self.descs.values():
+            library.lib.cublasLtMatmulDescDestroy(desc)
+        self.descs.clear()
+        library.lib.cublasLtMatrixLayoutDestroy(self.weight_layout)
 
 
 _tuned: dict[tuple, _TunedShape] = {}
@@ -227,11 +241,11 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _run(library: _Library, handle: int, desc: int, weight_layout: int, x_layout: int, out_layout: int, algo: int,
          weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    workspace = library.workspaces[x.device.index]
+    """One cuBLASLt matmul on the current stream, without a workspace (the candidates timed need none)."""
     _check(library.lib.cublasLtMatmul(
         handle, desc, ctypes.addressof(library.one), weight.data_ptr(), weight_layout, x.data_ptr(), x_layout,
         ctypes.addressof(library.zero), out.data_ptr(), out_layout, out.data_ptr(), out_layout, algo,
-        workspace.data_ptr(), WORKSPACE_BYTES, torch.cuda.current_stream(x.device).cuda_stream), "cublasLtMatmul")
+        None, 0, torch.cuda.current_stream(x.device).cuda_stream), "cublasLtMatmul")
 
 
 def _config(library: _Library, result: _HeuristicResult, attribute: int) -> int:
@@ -298,7 +312,7 @@ def tune_linear(
     timed = []  # (µs, index)
     for index in range(returned.value):
         result = results[index]
-        if result.state != 0 or _config(library, result, _CONFIG_SPLITK_NUM) > 1:
+        if result.state != 0 or result.workspace_size or _config(library, result, _CONFIG_SPLITK_NUM) > 1:
             continue
 
         def call(result=result):
@@ -317,11 +331,15 @@ def tune_linear(
     best_us, best_index = min(others) if others else (first_us, 0)
     kept = best_index != 0 and (other_than_first or best_us <= (1.0 - min_gain) * first_us)
     key = _key(device, out_features, in_features, epilogue, dtype)
+    _forget(key)
     if kept:
         algo = _HeuristicResult.from_buffer_copy(results[best_index])
         _tuned[key] = _TunedShape(algo, dtype, out_features, in_features, epilogue, max(1, rows // 2), weight_layout)
     else:
-        _tuned.pop(key, None)
+        library.lib.cublasLtMatrixLayoutDestroy(weight_layout)
+    for layout in (x_layout, out_layout):
+        library.lib.cublasLtMatrixLayoutDestroy(layout)
+    library.lib.cublasLtMatmulDescDestroy(desc)
     return TuningOutcome(out_features, in_features, epilogue, rows, len(timed), first_us, best_us,
                          tiles.get(best_index, 0), kept, tuple((index, tiles[index], us) for us, index in sorted(timed)))
 
@@ -334,9 +352,16 @@ def tune_linears(
             for out_features, in_features, epilogue in dict.fromkeys(shapes)]
 
 
+def _forget(key: tuple) -> None:
+    shape = _tuned.pop(key, None)
+    if shape is not None:
+        shape.release(_library)
+
+
 def forget_tuning() -> None:
     """Drop every kept algorithm (torch's GEMMs run again everywhere)."""
-    _tuned.clear()
+    for key in list(_tuned):
+        _forget(key)
 
 
 def tuning_supported(device: torch.device, dtype: torch.dtype) -> bool:
