@@ -39,7 +39,7 @@ EPILOGUES = {None: 4, "gelu": 36, "relu": 6}  # BIAS, GELU_BIAS (tanh GELU), REL
 
 CANDIDATES = 8  # the heuristic's first candidates timed per shape
 MIN_GAIN = 0.02  # a candidate replaces torch's pick only if it is at least this much faster
-WORKSPACE_BYTES = 4 << 20  # offered to the heuristic, as torch offers one; only candidates needing none are timed
+WORKSPACE_BYTES = 4 << 20  # offered to the heuristic, as torch offers one, and passed to every matmul
 TIMED_ROUNDS, CALLS_PER_ROUND = 3, 10
 
 
@@ -79,7 +79,7 @@ class TuningOutcome:
 
 
 class _Library:
-    """torch's libcublasLt with the signatures used here, and one handle per device."""
+    """torch's libcublasLt with the signatures used here, and one handle and workspace per device."""
 
     def __init__(self, device: torch.device):
         x = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
@@ -110,15 +110,19 @@ class _Library:
             getattr(lib, name).argtypes = argtypes
         self.lib = lib
         self.handles: dict[int, ctypes.c_void_p] = {}
+        # One stream runs an engine's GEMMs, eager or replayed, one after the other: one workspace
+        # serves them all (torch keeps one per stream for the same reason).
+        self.workspaces: dict[int, torch.Tensor] = {}
         self.one, self.zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
-    def handle(self, device: torch.device) -> int:
-        if device.index not in self.handles:
+    def handle(self, index: int) -> int:
+        if index not in self.handles:
             handle = ctypes.c_void_p()
-            with torch.cuda.device(device):
+            with torch.cuda.device(index):
                 _check(self.lib.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
-            self.handles[device.index] = handle
-        return self.handles[device.index].value
+            self.handles[index] = handle
+            self.workspaces[index] = torch.empty(WORKSPACE_BYTES, device=torch.device("cuda", index), dtype=torch.uint8)
+        return self.handles[index].value
 
     def layout(self, dtype: torch.dtype, rows: int, cols: int, leading: int) -> ctypes.c_void_p:
         """A column-major matrix layout (rows x cols, leading dimension `leading`)."""
@@ -202,8 +206,13 @@ class _TunedShape:
 _tuned: dict[tuple, _TunedShape] = {}
 
 
-def _key(device: torch.device, out_features: int, in_features: int, epilogue: str | None, dtype: torch.dtype) -> tuple:
-    return device.index, out_features, in_features, epilogue, dtype
+def _device_index(device: torch.device) -> int:
+    """The CUDA device's index ("cuda" alone names the current one)."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def _key(index: int, out_features: int, in_features: int, epilogue: str | None, dtype: torch.dtype) -> tuple:
+    return index, out_features, in_features, epilogue, dtype
 
 
 def _aligned(tensor: torch.Tensor) -> bool:
@@ -215,7 +224,8 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     (no algorithm kept, fewer rows than it was kept for, or an input it does not take)."""
     if not _tuned or not x.is_cuda or bias is None or x.dim() != 2:
         return None
-    shape = _tuned.get(_key(x.device, weight.shape[0], weight.shape[1], epilogue, x.dtype))
+    index = x.device.index
+    shape = _tuned.get(_key(index, weight.shape[0], weight.shape[1], epilogue, x.dtype))
     rows = x.shape[0]
     if (
         shape is None
@@ -223,29 +233,36 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         or weight.dtype != x.dtype
         or bias.dtype != x.dtype
         or not (_aligned(x) and _aligned(weight) and _aligned(bias))
-        or torch.cuda.current_device() != x.device.index
+        or torch.cuda.current_device() != index
     ):
         return None
     library = _library
-    handle = library.handle(x.device)
+    handle = library.handle(index)
     desc = shape.desc(library, bias)
     layouts = shape.layouts(library, handle, desc, rows)
     if layouts is None:
         return None
     x_layout, out_layout = layouts
     out = torch.empty(rows, shape.out_features, device=x.device, dtype=x.dtype)
-    _run(library, handle, desc, shape.weight_layout.value, x_layout, out_layout, ctypes.addressof(shape.algo.algo),
-         weight, x, out)
+    try:
+        _run(library, handle, desc, shape.weight_layout.value, x_layout, out_layout, ctypes.addressof(shape.algo.algo),
+             weight, x, out)
+    except CublasLtError:  # refused on the host before anything ran: torch's GEMM for this row count
+        for layout in layouts:
+            library.lib.cublasLtMatrixLayoutDestroy(layout)
+        shape.row_layouts[rows] = None
+        return None
     return out
 
 
 def _run(library: _Library, handle: int, desc: int, weight_layout: int, x_layout: int, out_layout: int, algo: int,
          weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """One cuBLASLt matmul on the current stream, without a workspace (the candidates timed need none)."""
+    """One cuBLASLt matmul on the current stream."""
     _check(library.lib.cublasLtMatmul(
         handle, desc, ctypes.addressof(library.one), weight.data_ptr(), weight_layout, x.data_ptr(), x_layout,
         ctypes.addressof(library.zero), out.data_ptr(), out_layout, out.data_ptr(), out_layout, algo,
-        None, 0, torch.cuda.current_stream(x.device).cuda_stream), "cublasLtMatmul")
+        library.workspaces[x.device.index].data_ptr(), WORKSPACE_BYTES, torch.cuda.current_stream(x.device).cuda_stream),
+        "cublasLtMatmul")
 
 
 def _config(library: _Library, result: _HeuristicResult, attribute: int) -> int:
@@ -285,9 +302,9 @@ def tune_linear(
     inputs) and keep the fastest for inputs of at least rows / 2, where it beats the first by
     `min_gain` and its output equals torch's. other_than_first: keep the fastest of the others,
     however fast (the tests: an algorithm that is not torch's)."""
-    device = torch.device(device)
+    device = torch.device("cuda", _device_index(torch.device(device)))
     library = _the_library(device)
-    handle = library.handle(device)
+    handle = library.handle(device.index)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, in_features, device=device, dtype=dtype, generator=generator)
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=generator) * in_features ** -0.5
@@ -312,7 +329,7 @@ def tune_linear(
     timed = []  # (µs, index)
     for index in range(returned.value):
         result = results[index]
-        if result.state != 0 or result.workspace_size or _config(library, result, _CONFIG_SPLITK_NUM) > 1:
+        if result.state != 0 or result.workspace_size > WORKSPACE_BYTES or _config(library, result, _CONFIG_SPLITK_NUM) > 1:
             continue
 
         def call(result=result):
@@ -330,7 +347,7 @@ def tune_linear(
     others = [(us, index) for us, index in timed if index != 0 or not other_than_first]
     best_us, best_index = min(others) if others else (first_us, 0)
     kept = best_index != 0 and (other_than_first or best_us <= (1.0 - min_gain) * first_us)
-    key = _key(device, out_features, in_features, epilogue, dtype)
+    key = _key(device.index, out_features, in_features, epilogue, dtype)
     _forget(key)
     if kept:
         algo = _HeuristicResult.from_buffer_copy(results[best_index])
