@@ -171,8 +171,9 @@ class ServingConfig:
     # on a GPU (kernel compilation, CUDA graph capture), "false" on a CPU; "true" / "false" force it.
     warmup: str = "auto"
     # Time the cuBLASLt algorithms its heuristic offers for each linear at load and keep the fastest
-    # (cublaslt.py): "auto" on a GPU in 16-bit floats; "true" / "false" force it.
-    gemm_tuning: str = "auto"
+    # (cublaslt.py): "auto" and "true" on a GPU in 16-bit floats. Off by default until its kept
+    # algorithms have run on a GPU (benchmarks/NOTES.md item 53).
+    gemm_tuning: str = "false"
 
     ENV_PREFIX = "LORAEMBED_"
 

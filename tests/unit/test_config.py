@@ -77,7 +77,7 @@ def test_defaults_are_the_design_table():
     expected = dict(model="", revision="main", dtype="auto", pooling="auto", normalize=None, max_batch_tokens=16384,
                     max_seq_len=0, attention="auto", adapter_root="", adapter_preload=(), max_adapters=64,
                     max_lora_rank=64, allow_hub_adapters=False, merge_adapter="", gelu_approximation="auto",
-                    cuda_graph_max_tokens=16384, cuda_graph_max_graphs=32, warmup="auto", gemm_tuning="auto")
+                    cuda_graph_max_tokens=16384, cuda_graph_max_graphs=32, warmup="auto", gemm_tuning="false")
     assert {name: getattr(config, name) for name in expected} == expected
 
 
