@@ -210,14 +210,11 @@ def test_warmup_resolves_per_device():
 
 
 def test_gemm_tuning_resolves_per_device_and_dtype():
-    """"auto" and "true" tune where cuBLASLt runs the linears (CUDA, 16-bit floats) and nowhere else;
-    on a CPU no algorithm is ever kept, so the linears are torch's."""
+    """"auto" and "true" tune where cuBLASLt runs the linears (CUDA, 16-bit floats) and nowhere else."""
     import torch
 
-    from loraembed import cublaslt
     from loraembed.engine import resolve_gemm_tuning
     from loraembed.errors import ConfigurationError
-    from loraembed.fused_ops import linear
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert [resolve_gemm_tuning(name, device, dtype) for name in ("auto", "true", "false")
@@ -225,9 +222,6 @@ def test_gemm_tuning_resolves_per_device_and_dtype():
         False, False, True, False, False, True, False, False, False]
     with pytest.raises(ConfigurationError, match=r"^gemm_tuning='on' is not auto, true or false$"):
         resolve_gemm_tuning("on", cpu, torch.float32)
-    x, weight, bias = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
-    assert cublaslt.tuned_linear(x, weight, bias, None) is None
-    assert torch.equal(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
 
 
 def test_linear_shapes_are_the_four_linears_of_a_layer_with_the_activations_epilogue():
