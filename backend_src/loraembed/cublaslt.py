@@ -3,14 +3,16 @@
 torch's `F.linear` and `torch._addmm_activation` run the first algorithm that cuBLASLt's heuristic
 offers for a shape. For some of the encoder's linears another of its first eight candidates is
 faster: on an H100, XLM-R large's Q/K/V takes 161 µs against 178 at 16,384 rows, and its
-attention.output.dense 54 against 59 (benchmarks/cublaslt_algo_probe.py; NOTES item 52).
+attention.output.dense 54 against 59 (benchmarks/cublaslt_algo_probe.py; NOTES item 53).
 
 `tune_linears`, called once per engine at load, times those candidates for each linear shape of the
 model at the engine's full batch, and keeps the fastest where it beats the first by at least
 MIN_GAIN. `tuned_linear` then runs the kept algorithm for inputs of at least half those rows. It
 returns None for every other input, and the caller runs torch's GEMM instead. Only candidates
-without split-K are timed, and only those whose output equals torch's bit for bit are kept: each
-output element then sums its products in the order torch's pick does. The GPU tests check this.
+without split-K are timed, and only those whose output equals torch's bit for bit at the tuned row
+count are kept: each output element sums its products in the order torch's pick does there. At
+other row counts torch may pick another kernel, so the two agree to rounding. The GPU tests check
+both.
 
 The library is the libcublasLt that torch has loaded, called through ctypes, with the same calls
 torch makes. PyTorch's TunableOp does this search too, in versions after the one pinned here.
