@@ -8,6 +8,10 @@
 #   tests       pytest tests/gpu (or the given pytest arguments), log OUT/gpu-tests.log
 #   attention   benchmarks/attention_bench.py for XLM-R base and large head shapes
 #   encoder     benchmarks/encoder_bench.py with the given arguments (default: everything), --out OUT
+#   gemm-tuning encoder_bench.py on XLM-R large and base (passages, queries; base model) with
+#               gemm_tuning=false, then =true (OUT/gemm-tuning-{false,true}/), then cuBLASLt's
+#               candidates per linear (OUT/cublaslt-candidates.md); NOTES item 53. With
+#               tests=tests/gpu/test_cublaslt.py before it: ~4 minutes on an H100
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -46,6 +50,16 @@ for step in "$@"; do
             # shellcheck disable=SC2086
             python3 benchmarks/encoder_bench.py --out "$OUT" $arguments >"$OUT/encoder-bench.log" 2>&1
             note "encoder bench ($arguments): rc=$?"
+            ;;
+        gemm-tuning)
+            for tuning in false true; do
+                python3 benchmarks/encoder_bench.py --models xlmr-large,xlmr-base --workloads passages,queries \
+                    --attention triton_packed --modes "" --baselines "" --tokens 200000 --repeats 3 \
+                    --parameter "gemm_tuning=$tuning" --out "$OUT/gemm-tuning-$tuning" >"$OUT/gemm-tuning-$tuning.log" 2>&1
+                note "encoder bench, gemm_tuning=$tuning: rc=$?"
+            done
+            python3 benchmarks/cublaslt_algo_probe.py --out "$OUT/cublaslt-candidates.md" >"$OUT/cublaslt-probe.log" 2>&1
+            note "cuBLASLt candidates: rc=$?"
             ;;
         *) note "unknown step $name" ;;
     esac

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SCRIPTS = ["docker/install.sh", "docker/entrypoint.sh", "docker/lock_gpu_requirements.sh", "benchmarks/multi_gpu.sh",
-           "benchmarks/serve_bench.sh", "benchmarks/gemm_tuning_check.sh", "scripts/serve.sh"]
+           "benchmarks/serve_bench.sh", "scripts/serve.sh"]
 
 
 def tool(name: str) -> str:
