@@ -70,7 +70,6 @@ class TuningOutcome:
     candidates: int  # timed (split-K ones are not)
     first_us: float
     best_us: float
-    best_tile: int  # cuBLASLt's tile id of the fastest candidate
     kept: bool  # the fastest replaces torch's pick for this shape
     timings: tuple[tuple[int, int, float], ...] = ()  # (heuristic rank, tile id, µs) of each timed candidate
 
@@ -359,8 +358,8 @@ def tune_linear(
     for layout in (x_layout, out_layout):
         library.lib.cublasLtMatrixLayoutDestroy(layout)
     library.lib.cublasLtMatmulDescDestroy(desc)
-    return TuningOutcome(out_features, in_features, epilogue, rows, len(timed), first_us, best_us,
-                         tiles.get(best_index, 0), kept, tuple((index, tiles[index], us) for us, index in sorted(timed)))
+    return TuningOutcome(out_features, in_features, epilogue, rows, len(timed), first_us, best_us, kept,
+                         tuple((index, tiles[index], us) for us, index in sorted(timed)))
 
 
 def tune_linears(
