@@ -179,20 +179,23 @@ def resolve_gelu_approximation(name: str, device: torch.device, dtype: torch.dty
     return name
 
 
+def _resolve_auto_bool(parameter: str, value: str, auto: bool) -> bool:
+    """A parameter parsed to "auto", "true" or "false" (`config._parse_auto_bool`): `auto` for "auto"."""
+    if value not in ("auto", "true", "false"):
+        raise ConfigurationError(f"{parameter}={value!r} is not auto, true or false")
+    return auto if value == "auto" else value == "true"
+
+
 def resolve_warmup(name: str, device: torch.device) -> bool:
     """"auto": warm up on CUDA, where the first batches would otherwise compile kernels and capture
     graphs; not on a CPU, where there is nothing to compile. Else "true" or "false" (as parsed)."""
-    if name not in ("auto", "true", "false"):
-        raise ConfigurationError(f"warmup={name!r} is not auto, true or false")
-    return device.type == "cuda" if name == "auto" else name == "true"
+    return _resolve_auto_bool("warmup", name, device.type == "cuda")
 
 
 def resolve_gemm_tuning(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     """"auto": tune where cuBLASLt runs the linears (CUDA, 16-bit floats); "true" tunes there too
     and is a no-op elsewhere; "false" never tunes."""
-    if name not in ("auto", "true", "false"):
-        raise ConfigurationError(f"gemm_tuning={name!r} is not auto, true or false")
-    return name != "false" and tuning_supported(device, dtype)
+    return _resolve_auto_bool("gemm_tuning", name, True) and tuning_supported(device, dtype)
 
 
 def linear_shapes(config: EncoderConfig) -> list[tuple[int, int, str | None]]:
